@@ -1,0 +1,179 @@
+"""The ``superposition`` command: a thin layer over the library, and the only module that prints.
+
+Every input error ends as one line on stderr and exit code 2; a diverging run ends with one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from superposition.spec import SpecError
+
+# Typer >= 0.20 vendors click and raises typer.* exceptions; older releases raise click's own.
+try:
+    import click
+
+    _EXIT: tuple[type[BaseException], ...] = (typer.Exit, click.exceptions.Exit)
+    _ABORT: tuple[type[BaseException], ...] = (typer.Abort, click.exceptions.Abort)
+    _USAGE: tuple[type[BaseException], ...] = (typer.TyperException, click.ClickException)
+except ImportError:  # pragma: no cover - depends on the installed typer
+    _EXIT, _ABORT, _USAGE = (typer.Exit,), (typer.Abort,), (typer.TyperException,)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Toy models of superposition: train, analyse and report instance-batched experiments.",
+)
+
+
+class _Fail(Exception):
+    """Raised inside commands to end with one line on stderr and an exit code."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _version(value: bool) -> None:
+    if value:
+        from superposition import __version__
+
+        typer.echo(f"superposition {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Toy models of superposition."""
+
+
+def _load(spec: str, overrides: list[str] | None, quick: bool, device: str | None):
+    from superposition.spec import load_spec
+
+    sets = list(overrides or [])
+    if device is not None:
+        sets.append(f"device={device!r}".replace("'", '"'))
+    return load_spec(spec, sets, quick=quick)
+
+
+def _summary(run) -> str:
+    """A compact per-instance table: grid settings, represented features and final loss."""
+    df = run.instances
+    axes = list(run.spec.instances.axes)
+    cols = [c for c in axes + ["n_represented", "loss"] if c in df.columns]
+    if len(axes) == 2 and "n_represented" in df.columns and "seed" not in axes:
+        pivot = df.pivot_table(index=axes[0], columns=axes[1], values="n_represented", aggfunc="first")
+        pivot = pivot.sort_index(ascending=False)
+        return f"represented features (norm > 0.5) by {axes[0]} (rows) and {axes[1]} (columns):\n{pivot.to_string()}"
+    return df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+@app.command("run")
+def run_cmd(
+    spec: Annotated[str, typer.Argument(help="A spec file (TOML/JSON) or a preset name.")],
+    out: Annotated[Path | None, typer.Option(help="Run folder to write (default runs/<name>).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Shrink steps and grid for a fast check (shapes unchanged).")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (overrides the spec).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
+) -> None:
+    """Train an experiment and write its run folder (config, weights, tables, report.html)."""
+    from superposition.runs import run as run_experiment
+
+    experiment = _load(spec, set_, quick, device)
+    target = out if out is not None else Path("runs") / experiment.name
+    if target.exists() and not overwrite:
+        raise _Fail(f"{target}: already exists (pass --overwrite to replace it, or choose --out)")
+    progress = not quiet and sys.stderr.isatty()
+    if not quiet:
+        typer.echo(f"training {experiment.name}: {experiment.n_instances} instance(s), {experiment.train.steps} steps")
+    result = run_experiment(experiment, target, overwrite=overwrite, resume=resume, progress=progress)
+    if not quiet:
+        typer.echo(_summary(result))
+        typer.echo(
+            f"wrote {target}/ ({result.meta['engine']} engine, {result.meta['train_seconds']:.1f} s of training); "
+            f"open {target / 'report.html'}"
+        )
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the shipped presets, one line each."""
+    from superposition.spec import preset_description, preset_names
+
+    names = preset_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        typer.echo(f"{name:<{width}}  {preset_description(name)}")
+
+
+@app.command("show")
+def show_cmd(preset: Annotated[str, typer.Argument(help="A preset name.")]) -> None:
+    """Print a preset's TOML."""
+    from superposition.spec import preset_text
+
+    typer.echo(preset_text(preset), nl=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    from superposition.train import TrainingDiverged
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        args = ["--help"]
+    try:
+        app(args=args, prog_name="superposition", standalone_mode=False)
+        return 0
+    except (SpecError, _Fail) as exc:
+        code = getattr(exc, "code", 2)
+        _err(str(exc))
+        return code
+    except TrainingDiverged as exc:
+        _err(str(exc))
+        return 1
+    except _EXIT as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _ABORT:
+        _err("aborted")
+        return 130
+    except _USAGE as exc:
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see 'superposition {ctx.info_name} --help')" if ctx is not None and ctx.parent else ""
+        _err(f"{exc.format_message()}{hint}".replace("\n", " "))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except OSError as exc:
+        _err(f"{exc.strerror or exc}: {exc.filename}" if getattr(exc, "filename", None) else str(exc))
+        return 2
+    except Exception as exc:  # last resort: one line, the traceback only on request
+        if os.environ.get("SUPERPOSITION_DEBUG"):
+            raise
+        _err(f"internal error: {exc.__class__.__name__}: {exc} (set SUPERPOSITION_DEBUG=1 for the traceback)")
+        return 1
+
+
+def _err(message: str) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    print(f"error: {first}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The toy-model family, instance-batched: every parameter carries the instance dimension first.
+
+| kind          | forward (per instance)                                   | parameters                      |
+| ------------- | -------------------------------------------------------- | ------------------------------- |
+| linear        | x' = W^T W x + b                                         | W (or W1, W2), b_final          |
+| relu-output   | x' = ReLU(W^T W x + b)                                   | W (or W1, W2), b_final          |
+| neuron        | x' = ReLU(W^T act(W x + b_h) + b)                        | W (or W1, W2), b_hidden, b_final|
+| mlp           | x' = ReLU(W2 act(W1 x + b_h) + b)                        | W1, W2 (or W), b_hidden, b_final|
+| residual-mlp  | r = x W_E; r = r + W_out act(W_in r + b_in) + b_out ...; x' = r W_E^T | W_E (frozen), W_in, W_out |
+
+``neuron`` and ``mlp`` share one forward; they differ in defaults (tied vs untied) and in the task they are used for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from superposition.spec import Experiment
+
+__all__ = ["ToyModel", "build_model", "ACTIVATIONS"]
+
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "none": lambda t: t,
+}
+
+
+def _instance_generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def _xavier_normal(shape: tuple[int, ...], seeds: list[int], notebook: bool) -> Tensor:
+    """Xavier-normal init of (inst, rows, cols), fans per instance (or over the whole tensor, as torch would)."""
+    inst, rows, cols = shape[0], shape[-2], shape[-1]
+    std = math.sqrt(2.0 / (rows * cols + inst * cols)) if notebook else math.sqrt(2.0 / (rows + cols))
+    return torch.stack([torch.randn(shape[1:], generator=_instance_generator(s)) for s in seeds]) * std
+
+
+def _kaiming_uniform(shape: tuple[int, ...], seeds: list[int], notebook: bool, salt: int) -> Tensor:
+    """torch's default Linear init (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per instance."""
+    fan_in = shape[1] * shape[-1] if notebook else shape[-1]
+    bound = 1.0 / math.sqrt(fan_in)
+    out = [torch.rand(shape[1:], generator=_instance_generator(s * 7919 + salt)) for s in seeds]
+    return (torch.stack(out) * 2 - 1) * bound
+
+
+class ToyModel(nn.Module):
+    """One model holding ``n_instances`` independent toy models of the same shape."""
+
+    def __init__(self, spec: Experiment):
+        super().__init__()
+        m = spec.model
+        self.kind = m.kind
+        self.tied = bool(m.tied)
+        self.skip = m.skip
+        self.n_instances = spec.n_instances
+        self.n_features = m.n_features
+        self.d_hidden = m.d_hidden
+        self.activations = m.activations
+        seeds = instance_seeds(spec)
+        inst, n, h = self.n_instances, m.n_features, m.d_hidden
+        notebook = m.init == "notebook"
+
+        # Output ReLU per instance: lets linear and relu-output instances share one tensor program.
+        kinds = spec.instance_values("model.kind")
+        relu_out = [k in ("relu-output", "neuron", "mlp") for k in kinds]
+        self.register_buffer("relu_out", torch.tensor(relu_out), persistent=False)
+
+        if m.kind == "residual-mlp":
+            e, L = int(m.d_embed or n), m.n_layers
+            if m.embedding == "identity":
+                w_e = torch.eye(n).expand(inst, n, n).clone()
+            else:
+                g = [torch.randn((n, e), generator=_instance_generator(s * 104729 + 17)) for s in seeds]
+                w_e = torch.stack(g)
+                w_e = w_e / w_e.norm(dim=-1, keepdim=True)
+            self.register_buffer("W_E", w_e)
+            self.W_in = nn.Parameter(_kaiming_uniform((inst, L, h, e), seeds, notebook, 1))
+            self.W_out = nn.Parameter(_kaiming_uniform((inst, L, e, h), seeds, notebook, 2))
+            if m.bias_hidden:
+                self.b_in = nn.Parameter(torch.zeros(inst, L, h))
+            if m.bias_out:
+                self.b_out = nn.Parameter(torch.zeros(inst, L, e))
+            return
+
+        if self.tied:
+            self.W = nn.Parameter(_xavier_normal((inst, h, n), seeds, notebook))
+        else:
+            self.W1 = nn.Parameter(_kaiming_uniform((inst, h, n), seeds, notebook, 1))
+            self.W2 = nn.Parameter(_kaiming_uniform((inst, n, h), seeds, notebook, 2))
+        if m.bias_hidden:
+            self.b_hidden = nn.Parameter(torch.zeros(inst, h))
+        if m.bias_out:
+            self.b_final = nn.Parameter(torch.zeros(inst, n))
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> Float[Tensor, "inst hidden feats"]:
+        """The input-side weights: W (tied) or W1; the residual MLP's first layer read through W_E."""
+        if self.kind == "residual-mlp":
+            return torch.einsum("ihe,ife->ihf", self.W_in[:, 0], self.W_E)
+        return self.W if self.tied else self.W1
+
+    @property
+    def decoder(self) -> Float[Tensor, "inst feats hidden"]:
+        """The output-side weights: W^T (tied) or W2."""
+        if self.kind == "residual-mlp":
+            return torch.einsum("ieh,ife->ifh", self.W_out[:, -1], self.W_E)
+        return self.W.transpose(-1, -2) if self.tied else self.W2
+
+    def hidden(self, x: Float[Tensor, "batch inst feats"]) -> Float[Tensor, "batch inst hidden"]:
+        """Hidden activations: h = W x for the bottlenecks, neuron activations otherwise (first MLP layer)."""
+        if self.kind == "residual-mlp":
+            r = torch.einsum("bif,ife->bie", x, self.W_E)
+            pre = torch.einsum("bie,ihe->bih", r, self.W_in[:, 0])
+            if hasattr(self, "b_in"):
+                pre = pre + self.b_in[:, 0]
+            return ACTIVATIONS[self.activations[0]](pre)
+        h = torch.einsum("bif,ihf->bih", x, self.encoder)
+        if hasattr(self, "b_hidden"):
+            h = h + self.b_hidden
+        if self.kind in ("neuron", "mlp"):
+            h = ACTIVATIONS[self.activations[0]](h)
+        return h
+
+    def forward(self, x: Float[Tensor, "batch inst feats"]) -> Float[Tensor, "batch inst feats"]:
+        if self.kind == "residual-mlp":
+            r = torch.einsum("bif,ife->bie", x, self.W_E)
+            for layer, act in enumerate(self.activations):
+                pre = torch.einsum("bie,ihe->bih", r, self.W_in[:, layer])
+                if hasattr(self, "b_in"):
+                    pre = pre + self.b_in[:, layer]
+                out = torch.einsum("bih,ieh->bie", ACTIVATIONS[act](pre), self.W_out[:, layer])
+                if hasattr(self, "b_out"):
+                    out = out + self.b_out[:, layer]
+                r = r + out if self.skip else out
+            return torch.einsum("bie,ife->bif", r, self.W_E)
+        h = self.hidden(x)
+        out = torch.einsum("bih,ifh->bif", h, self.decoder)
+        if hasattr(self, "b_final"):
+            out = out + self.b_final
+        if self.kind == "linear":
+            return out
+        if bool(self.relu_out.all()):
+            return torch.relu(out)
+        return torch.where(self.relu_out[None, :, None], torch.relu(out), out)
+
+
+def instance_seeds(spec: Experiment) -> list[int]:
+    """Initialisation seed of each instance: the seed axis value if given, else base seed and instance index.
+
+    An instance's init depends only on its own seed, never on how many instances share the tensor.
+    """
+    if "seed" in spec.instances.axes:
+        return [int(s) for s in spec.instance_values("seed")]
+    return [spec.seed * 100_003 + i for i in range(spec.n_instances)]
+
+
+def build_model(spec: Experiment, device: torch.device | str = "cpu") -> ToyModel:
+    """Build the model of an experiment from its spec alone, on the device, in the spec's dtype."""
+    dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
+    return ToyModel(spec).to(device=device, dtype=dtype)

@@ -1,0 +1,356 @@
+"""The training step and loop: per-instance loss, Adam/AdamW with per-instance settings, schedules,
+history, divergence checks and resumable checkpoints.
+
+Instances never interact: each instance's loss is reduced on its own before the sum, and the optimiser is
+element-wise, so the gradient and update of instance k do not depend on any other instance.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from superposition.data import Sampler, importance_tensor, make_sampler, target_fn
+from superposition.models import ToyModel, build_model
+from superposition.spec import Experiment
+
+__all__ = [
+    "TrainingDiverged",
+    "TrainState",
+    "Trained",
+    "AdamState",
+    "adam_step_",
+    "lr_multiplier",
+    "per_instance_loss",
+    "resolve_device",
+    "train_model",
+    "evaluate",
+]
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss of some instances turned NaN/inf."""
+
+    def __init__(self, step: int, instances: list[int]):
+        shown = ", ".join(map(str, instances[:20])) + (" ..." if len(instances) > 20 else "")
+        super().__init__(
+            f"training diverged at step {step}: loss is NaN/inf for instance(s) {shown}; "
+            "lower train.lr or set train.on_divergence = 'drop'"
+        )
+        self.step = step
+        self.instances = instances
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means cuda when available; asking for cuda without one is an input error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from superposition.spec import SpecError
+
+        raise SpecError("device: 'cuda' was asked for but no CUDA device is available (use 'cpu' or 'auto')")
+    return torch.device(device)
+
+
+# -- loss ---------------------------------------------------------------------------------------------------------
+def per_instance_loss(
+    out: Float[Tensor, "batch inst feats"],
+    target: Float[Tensor, "batch inst feats"],
+    importance: Float[Tensor, "inst feats"],
+    loss: str = "l2",
+) -> Float[Tensor, " inst"]:
+    """Mean over batch and features of I_i * (target - out)^2 (or |.| for l1), one value per instance."""
+    err = target - out
+    err = err.square() if loss == "l2" else err.abs()
+    return (err * importance).mean(dim=(0, 2))
+
+
+# -- optimiser ----------------------------------------------------------------------------------------------------
+@dataclass
+class AdamState:
+    """Adam moments for each parameter (same shapes, instance dimension first) and the step count."""
+
+    exp_avg: dict[str, Tensor]
+    exp_avg_sq: dict[str, Tensor]
+    step: int = 0
+
+    @classmethod
+    def zeros_like(cls, params: dict[str, Tensor]) -> AdamState:
+        return cls(
+            {k: torch.zeros_like(v) for k, v in params.items()},
+            {k: torch.zeros_like(v) for k, v in params.items()},
+        )
+
+
+@torch.no_grad()
+def adam_step_(
+    params: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    state: AdamState,
+    lr: Float[Tensor, " inst"],
+    weight_decay: Float[Tensor, " inst"],
+    decoupled: bool,
+) -> None:
+    """One Adam (or AdamW when ``decoupled``) update in place, with per-instance lr and weight decay.
+
+    Follows torch.optim.Adam/AdamW exactly (same formula and order of operations).
+    """
+    state.step += 1
+    b1, b2 = ADAM_BETAS
+    bc1 = 1 - b1**state.step
+    bc2_sqrt = math.sqrt(1 - b2**state.step)
+    for name, p in params.items():
+        g = grads[name]
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        lr_i, wd_i = lr.view(shape), weight_decay.view(shape)
+        if decoupled:
+            p.mul_(1 - lr_i * wd_i)
+        else:
+            g = g + wd_i * p
+        m, v = state.exp_avg[name], state.exp_avg_sq[name]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
+        p.sub_((lr_i / bc1) * m / denom)
+
+
+def lr_multiplier(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
+    """Learning-rate factor at a 0-based step: constant, 1 - t/T, cos(pi t / 2(T-1)), warm-up then cosine."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - step / steps
+    if schedule == "cosine":
+        return math.cos(math.pi * step / (2 * max(steps - 1, 1)))
+    if step < warmup:
+        return (step + 1) / warmup
+    t, span = step - warmup, max(steps - warmup - 1, 1)
+    return 0.5 * (1 + math.cos(math.pi * t / span))
+
+
+# -- state ------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Everything a training run needs to continue: model, optimiser, data stream, step, dropped instances."""
+
+    spec: Experiment
+    model: ToyModel
+    sampler: Sampler
+    importance: Tensor
+    lr: Tensor
+    weight_decay: Tensor
+    residual_factor: Tensor
+    adam: AdamState
+    generator: torch.Generator
+    dataset: Tensor | None
+    alive: Tensor
+    step: int = 0
+    history: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    engine: str = "eager"
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        return dict(self.model.named_parameters())
+
+    @classmethod
+    def create(cls, spec: Experiment, device: torch.device | None = None) -> TrainState:
+        device = device or resolve_device(spec.device)
+        model = build_model(spec, device)
+        dt = next(model.parameters()).dtype
+        gen = torch.Generator(device=device)
+        gen.manual_seed(spec.seed)
+        sampler = make_sampler(spec, device, dt)
+        dataset = None
+        if spec.data.dataset_size is not None:
+            dataset = sampler.sample(spec.data.dataset_size, gen)
+
+        def per_inst(key: str) -> Tensor:
+            return torch.tensor([float(v) for v in spec.instance_values(key)], device=device, dtype=torch.float32)
+
+        params = dict(model.named_parameters())
+        return cls(
+            spec=spec,
+            model=model,
+            sampler=sampler,
+            importance=importance_tensor(spec, device, dt),
+            lr=per_inst("train.lr"),
+            weight_decay=per_inst("train.weight_decay"),
+            residual_factor=per_inst("task.residual_factor").to(dt),
+            adam=AdamState.zeros_like({k: v.detach() for k, v in params.items()}),
+            generator=gen,
+            dataset=dataset,
+            alive=torch.ones(spec.n_instances, dtype=torch.bool, device=device),
+        )
+
+    def batch(self) -> Float[Tensor, "batch inst feats"]:
+        """The next training batch: fresh samples, or (fixed dataset) all of it or a random subset."""
+        bs = self.spec.train.batch_size
+        if self.dataset is None:
+            return self.sampler.sample(bs, self.generator)
+        if self.dataset.shape[0] <= bs:
+            return self.dataset
+        idx = torch.randint(0, self.dataset.shape[0], (bs,), generator=self.generator, device=self.dataset.device)
+        return self.dataset[idx]
+
+    def loss(self, x: Tensor) -> Float[Tensor, " inst"]:
+        """Per-instance loss of the model on a batch."""
+        y = target_fn(self.spec.task.target, x, self.residual_factor)
+        return per_instance_loss(self.model(x), y, self.importance, self.spec.task.loss)
+
+    def eager_step(self) -> Float[Tensor, " inst"]:
+        """One plain step: sample, forward, per-instance loss summed, backward, Adam."""
+        x = self.batch()
+        loss = self.loss(x)
+        masked = torch.where(self.alive, loss, torch.zeros_like(loss))
+        params = self.params
+        grads = torch.autograd.grad(masked.sum(), list(params.values()))
+        mult = lr_multiplier(self.spec.train.schedule, self.step, self.spec.train.steps, self.spec.train.warmup_steps)
+        adam_step_(
+            {k: v.data for k, v in params.items()},
+            dict(zip(params, grads, strict=True)),
+            self.adam,
+            self.lr * mult,
+            self.weight_decay,
+            decoupled=self.spec.train.optimizer == "adamw",
+        )
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def drop_(self, bad: Tensor) -> None:
+        """Mask diverged instances: zero their parameters and moments so NaNs cannot spread."""
+        self.alive &= ~bad
+        for name, p in self.model.named_parameters():
+            keep = self.alive.view((-1,) + (1,) * (p.dim() - 1))
+            p.data = torch.where(keep, p.data, torch.zeros_like(p.data))
+            for store in (self.adam.exp_avg, self.adam.exp_avg_sq):
+                store[name] = torch.where(keep, store[name], torch.zeros_like(store[name]))
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat tensor dict of the whole state (model, Adam moments, RNG, mask) for safetensors."""
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        out.update({f"adam.exp_avg.{k}": v for k, v in self.adam.exp_avg.items()})
+        out.update({f"adam.exp_avg_sq.{k}": v for k, v in self.adam.exp_avg_sq.items()})
+        out["rng"] = self.generator.get_state()
+        out["alive"] = self.alive.to(torch.uint8)
+        if self.history:
+            out["history.steps"] = torch.tensor([s for s, _ in self.history], dtype=torch.int64)
+            out["history.loss"] = torch.tensor(np.stack([v for _, v in self.history]))
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def load_tensors_(self, tensors: dict[str, Tensor], step: int) -> None:
+        """Restore a state written by :meth:`tensors`."""
+        dev = self.alive.device
+        self.model.load_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
+        )
+        for name in self.adam.exp_avg:
+            self.adam.exp_avg[name] = tensors[f"adam.exp_avg.{name}"].to(dev)
+            self.adam.exp_avg_sq[name] = tensors[f"adam.exp_avg_sq.{name}"].to(dev)
+        self.adam.step = step
+        self.generator.set_state(tensors["rng"])
+        self.alive = tensors["alive"].to(dev).bool()
+        if "history.steps" in tensors:
+            steps, losses = tensors["history.steps"].tolist(), tensors["history.loss"].numpy()
+            self.history = [(s, losses[i]) for i, s in enumerate(steps)]
+        self.step = step
+
+
+class Trained(NamedTuple):
+    """What :func:`train_model` returns."""
+
+    state: TrainState
+    seconds: float
+
+
+def _check_finite(state: TrainState, loss: Tensor, step: int) -> None:
+    bad = ~torch.isfinite(loss) & state.alive
+    if not bool(bad.any()):
+        return
+    idx = bad.nonzero().flatten().tolist()
+    if state.spec.train.on_divergence == "stop":
+        raise TrainingDiverged(step, idx)
+    state.drop_(bad)
+
+
+def train_model(
+    state: TrainState,
+    *,
+    progress: bool = False,
+    checkpoint: callable | None = None,  # type: ignore[valid-type]
+) -> Trained:
+    """Run the loop from ``state.step`` to ``spec.train.steps``; ``checkpoint(state)`` is called on schedule."""
+    spec = state.spec
+    t = spec.train
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=state.step, desc=f"{spec.name} [{state.engine}]", unit="step", leave=False)
+    start = time.perf_counter()
+    while state.step < t.steps:
+        step = state.step
+        loss = state.eager_step()
+        last = state.step == t.steps
+        if step % t.log_every == 0 or last:
+            _check_finite(state, loss, step)
+            state.history.append((step, loss.float().cpu().numpy()))
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss[state.alive].mean()) if state.alive.any() else float('nan'):.3g}")
+        if bar is not None:
+            bar.update(1)
+        if checkpoint is not None and t.checkpoint_every and state.step % t.checkpoint_every == 0 and not last:
+            checkpoint(state)
+    if bar is not None:
+        bar.close()
+    return Trained(state, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, n: int | None = None, seed_offset: int = 1) -> Float[Tensor, " inst"]:
+    """Per-instance loss on fresh samples from a separate seeded stream (the test loss)."""
+    n = n or state.spec.train.eval_batch
+    gen = torch.Generator(device=state.alive.device)
+    gen.manual_seed(state.spec.seed + seed_offset * 7_777_777)
+    chunk = max(1, min(n, state.spec.train.batch_size))
+    total = torch.zeros(state.spec.n_instances, device=state.alive.device, dtype=torch.float64)
+    done = 0
+    while done < n:
+        b = min(chunk, n - done)
+        total += state.loss(state.sampler.sample(b, gen)).double() * b
+        done += b
+    loss = (total / n).float()
+    return torch.where(state.alive, loss, torch.full_like(loss, float("nan")))
+
+
+def history_frame(state: TrainState) -> pd.DataFrame:
+    """Long table (step, instance, loss) of the recorded history."""
+    if not state.history:
+        return pd.DataFrame({"step": [], "instance": [], "loss": []})
+    steps = np.array([s for s, _ in state.history], dtype=np.int64)
+    losses = np.stack([v for _, v in state.history]).astype(np.float64)
+    inst = losses.shape[1]
+    return pd.DataFrame(
+        {
+            "step": np.repeat(steps, inst),
+            "instance": np.tile(np.arange(inst, dtype=np.int64), len(steps)),
+            "loss": losses.reshape(-1),
+        }
+    )
+
+
+def checkpoint_path(folder: Path) -> Path:
+    return folder / "checkpoint.safetensors"
