@@ -8,6 +8,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from superposition.models import ToyModel
+from superposition.spec import Experiment
 
 __all__ = ["feature_norms", "n_represented", "instance_metrics"]
 
@@ -23,7 +24,7 @@ def n_represented(W: Float[Tensor, "inst hidden feats"], threshold: float = 0.5)
 
 
 @torch.no_grad()
-def instance_metrics(model: ToyModel) -> dict[str, np.ndarray]:
+def instance_metrics(model: ToyModel, spec: Experiment) -> dict[str, np.ndarray]:
     """Per-instance scalar metrics for the run's instances table (one array of length n_instances each)."""
     W = model.encoder.float()
     return {"n_represented": n_represented(W).cpu().numpy().astype(np.int64)}

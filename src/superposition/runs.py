@@ -71,7 +71,7 @@ def instance_table(state: TrainState, final_loss: np.ndarray) -> pd.DataFrame:
     cols["loss"] = final_loss.astype(np.float64)
     cols["train_loss"] = state.history[-1][1].astype(np.float64) if state.history else np.full(spec.n_instances, np.nan)
     cols["diverged"] = ~state.alive.cpu().numpy()
-    for name, values in instance_metrics(state.model).items():
+    for name, values in instance_metrics(state.model, spec).items():
         cols[name] = values
     return pd.DataFrame(cols)
 
