@@ -1,0 +1,86 @@
+"""The command line: bad input is one line on stderr and exit code 2, and nothing is written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from superposition.cli import main
+
+
+def _run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "no-such-preset"], "neither a spec file nor a preset"),
+        (["run", "missing.toml"], "no such spec file"),
+        (["run", "demo", "--set", "model.n_features=-3"], "model.n_features"),
+        (["run", "demo", "--set", "model.kind=cnn"], "'linear'"),
+        (["run", "demo", "--set", "model.colour=red"], "model.colour"),
+        (["run", "demo", "--set", "data.feature_probability=1.5"], "data.feature_probability"),
+        (["run", "demo", "--set", "data.kind=anticorrelated", "--set", "data.feature_probability=0.7"], "p <= 0.5"),
+        (["run", "demo", "--set", "model.d_hidden"], "section.field=value"),
+        (["run", "demo", "--set", "=3"], "section.field=value"),
+        (["run", "demo", "--set", "train.steps=ten"], "train.steps"),
+        (["show", "nope"], "unknown preset"),
+        (["frobnicate"], "No such command"),
+        (["run"], "Missing argument"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, *args, *(["--out", "r"] if args[0] == "run" and len(args) > 1 else []))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert needle in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_toml_file(capsys, tmp_path):
+    spec = tmp_path / "bad.toml"
+    spec.write_text("[model\nkind = 3")
+    code, _, err = _run(capsys, "run", str(spec), "--out", str(tmp_path / "r"))
+    assert code == 2 and "not valid TOML" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_out_needs_overwrite(capsys, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = _run(capsys, "run", "demo", "--quick", "--quiet", "--out", str(out))
+    assert code == 2 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_presets_show_version(capsys):
+    code, out, _ = _run(capsys, "presets")
+    assert code == 0 and "relu-vs-linear" in out and "demo" in out
+    code, out, _ = _run(capsys, "show", "relu-vs-linear")
+    assert code == 0 and "n_features = 20" in out
+    code, out, _ = _run(capsys, "--version")
+    assert code == 0 and out.startswith("superposition ")
+
+
+def test_console_script_runs_and_reports_error_without_traceback(tmp_path):
+    exe = [sys.executable, "-m", "superposition.cli"]
+    done = subprocess.run([*exe, "run", "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_run_writes_a_loadable_folder(capsys, tmp_path):
+    from superposition.runs import load_run
+
+    out = tmp_path / "r"
+    code, stdout, _ = _run(
+        capsys, "run", "demo", "--out", str(out), "--set", "train.steps=60", "--set", "train.eval_batch=256"
+    )
+    assert code == 0 and "represented features" in stdout
+    run = load_run(out)
+    assert run.spec.train.steps == 60 and len(run.instances) == 8

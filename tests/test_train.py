@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from superposition.runs import train
+from superposition.spec import parse_spec
+from superposition.train import AdamState, TrainState, adam_step_, lr_multiplier, per_instance_loss, train_model
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_step_matches_torch(optimizer):
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(3, 4, 5, generator=g)
+    ref = p0.clone().requires_grad_(True)
+    cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+    opt = cls([ref], lr=1e-2, weight_decay=0.1)
+    mine = {"W": p0.clone()}
+    state = AdamState.zeros_like(mine)
+    for _ in range(5):
+        grad = torch.randn(3, 4, 5, generator=g)
+        ref.grad = grad.clone()
+        opt.step()
+        adam_step_(mine, {"W": grad}, state, torch.full((3,), 1e-2), torch.full((3,), 0.1), optimizer == "adamw")
+    torch.testing.assert_close(mine["W"], ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_per_instance_lr_only_moves_its_instance():
+    params = {"W": torch.ones(2, 3)}
+    state = AdamState.zeros_like(params)
+    adam_step_(params, {"W": torch.ones(2, 3)}, state, torch.tensor([0.1, 0.0]), torch.zeros(2), False)
+    torch.testing.assert_close(params["W"][1], torch.ones(3))
+    torch.testing.assert_close(params["W"][0], torch.full((3,), 0.9), rtol=1e-5, atol=1e-6)
+
+
+def test_schedules():
+    assert lr_multiplier("constant", 50, 100) == 1.0
+    assert lr_multiplier("linear", 25, 100) == 0.75
+    assert lr_multiplier("cosine", 0, 11) == 1.0 and abs(lr_multiplier("cosine", 10, 11)) < 1e-12
+    assert abs(lr_multiplier("cosine", 5, 11) - math.cos(math.pi / 4)) < 1e-12
+    assert lr_multiplier("warmup-cosine", 0, 100, 10) == 0.1
+    assert lr_multiplier("warmup-cosine", 10, 100, 10) == 1.0
+    assert abs(lr_multiplier("warmup-cosine", 99, 100, 10)) < 1e-12
+
+
+def test_loss_is_importance_weighted_mean_per_instance():
+    out = torch.zeros(2, 2, 3)
+    target = torch.ones(2, 2, 3)
+    imp = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(per_instance_loss(out, target, imp), torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(per_instance_loss(out, 2 * target, imp, "l1"), torch.tensor([4.0, 2.0]))
+
+
+def test_instances_do_not_interact(tiny_spec):
+    # The gradient of instance 0 must not depend on instance 1's data.
+    spec = tiny_spec(instances={"data.feature_probability": [0.3, 0.1]})
+    state = TrainState.create(spec)
+    x = state.batch()
+    grads = []
+    for other in (x[:, 1], torch.rand_like(x[:, 1]) * 5):
+        xx = x.clone()
+        xx[:, 1] = other
+        loss = state.loss(xx).sum()
+        grads.append(torch.autograd.grad(loss, [state.model.W])[0])
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    assert not torch.equal(grads[0][1], grads[1][1])
+
+
+def test_same_seed_same_weights(tiny_spec):
+    spec = tiny_spec(instances={"seed": [1, 2]})
+    a, b = train(spec), train(spec)
+    assert torch.equal(a.model.W, b.model.W)
+    assert a.instances["loss"].tolist() == b.instances["loss"].tolist()
+
+
+def test_divergence_stops_with_instances_named(tiny_spec):
+    from superposition.train import TrainingDiverged
+
+    spec = tiny_spec(train={"lr": 10.0, "steps": 200, "log_every": 1}, task={"importance": 1.0})
+    state = TrainState.create(spec)
+    with torch.no_grad():
+        state.model.W.mul_(1e20)
+    with pytest.raises(TrainingDiverged, match=r"instance\(s\) 0"):
+        train_model(state)
+
+
+def test_divergence_drop_masks_instance_and_goes_on(tiny_spec):
+    spec = tiny_spec(train={"on_divergence": "drop", "log_every": 1}, instances={"seed": [0, 1]})
+    state = TrainState.create(spec)
+    with torch.no_grad():
+        state.model.W[0] = float("inf")
+    train_model(state)
+    assert state.alive.tolist() == [False, True]
+    assert torch.isfinite(state.model.W).all()
+
+
+def test_end_to_end_linear_keeps_d_relu_packs_more():
+    # 20 features in 5 dims, I = 0.7^i: linear -> exactly 5; ReLU at p <= 0.01 -> more than 8 (paper: 11-12).
+    spec = parse_spec(
+        {
+            "model": {"n_features": 20, "d_hidden": 5},
+            "task": {"importance": 0.7},
+            "train": {"steps": 2500, "optimizer": "adamw", "weight_decay": 0.01, "log_every": 500, "eval_batch": 1024},
+            "instances": {"model.kind": ["linear", "relu-output"], "data.feature_probability": [0.01, 0.003]},
+        }
+    )
+    run = train(spec)
+    df = run.instances
+    assert df.loc[df["model.kind"] == "linear", "n_represented"].tolist() == [5, 5]
+    assert (df.loc[df["model.kind"] == "relu-output", "n_represented"] > 8).all()
