@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from superposition.models import ToyModel, build_model  # noqa: E402
 from superposition.runs import Run, load_run, run, save_run, train  # noqa: E402
 from superposition.spec import Experiment, SpecError, load_spec  # noqa: E402
+from superposition.sweep import Sweep, load_sweep  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -18,4 +19,6 @@ __all__ = [
     "run",
     "save_run",
     "load_run",
+    "Sweep",
+    "load_sweep",
 ]

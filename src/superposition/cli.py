@@ -96,6 +96,9 @@ def run_cmd(
     from superposition.runs import run as run_experiment
 
     experiment = _load(spec, set_, quick, device)
+    if experiment.sweep is not None:  # a spec with a [sweep] section runs as a sweep (rerunning resumes it)
+        _run_sweep(experiment, out, resume=resume, quiet=quiet)
+        return
     target = out if out is not None else Path("runs") / experiment.name
     if target.exists() and not overwrite:
         raise _Fail(f"{target}: already exists (pass --overwrite to replace it, or choose --out)")
@@ -109,6 +112,114 @@ def run_cmd(
             f"wrote {target}/ ({result.meta['engine']} engine, {result.meta['train_seconds']:.1f} s of training); "
             f"open {target / 'report.html'}"
         )
+
+
+def _run_sweep(
+    experiment,
+    out: Path | None,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    threads: int | None = None,
+    address: str | None = None,
+    slurm: list[str] | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    quiet: bool = False,
+) -> None:
+    """Plan, print the plan, run the groups not done yet, write results.parquet and report.html."""
+    from superposition import sweep as sw
+    from superposition.spec import _parse_value
+
+    target = out if out is not None else Path("runs") / experiment.name
+    if backend not in sw.BACKENDS:
+        raise _Fail(f"--backend: {backend!r} is not one of {', '.join(sw.BACKENDS)}")
+    options = {}
+    for item in slurm or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise _Fail(f"--slurm {item!r}: expected key=value, e.g. --slurm slurm_partition=gpu")
+        options[key.strip()] = _parse_value(value)
+    module = {"ray": "ray", "slurm": "submitit"}.get(backend)
+    if module is not None and not dry_run:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise _Fail(f"--backend {backend} needs {module}: pip install 'superposition[{backend}]'")
+    if dry_run:
+        typer.echo(sw.describe_plan(sw.make_plan(experiment), groups=True))
+        return
+    plan = sw.prepare(experiment, target, resume=resume)
+    if not quiet:
+        typer.echo(sw.describe_plan(plan))
+        done = sum((target / sw.RUNS / g.id / "config.json").is_file() for g in plan.groups)
+        if done:
+            typer.echo(f"resuming: {done} of {len(plan.groups)} model(s) already done in {target}/")
+    result = sw.execute(
+        target,
+        backend=backend,
+        workers=workers,
+        threads=threads,
+        address=address,
+        slurm=options,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    if not quiet:
+        counts = result.results["status"].value_counts().to_dict()
+        typer.echo(
+            f"sweep {experiment.name}: "
+            + ", ".join(f"{v} point(s) {k}" for k, v in sorted(counts.items()))
+            + f"; trained {result.ran} model(s) in {result.seconds:.1f} s"
+        )
+        x, y, by = sw.report_axes(experiment)
+        r = experiment.sweep.report if experiment.sweep is not None else None
+        if r is not None and r.threshold is not None and x and y and (result.results["status"] == "ok").any():
+            table = sw.threshold_table(result.results, x, y, r.metric, r.threshold, by=by)
+            typer.echo(f"smallest {x} with {r.metric} < {r.threshold:g}:\n{table.to_string(index=False)}")
+        typer.echo(f"wrote {target / sw.RESULTS}; open {target / sw.REPORT}")
+    failed = int((result.results["status"] == "failed").sum())
+    if failed:
+        raise _Fail(f"{failed} point(s) failed (their errors are in {target / sw.RESULTS}); rerun to retry them", 1)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    spec: Annotated[str, typer.Argument(help="A spec file (TOML/JSON) or a preset name; its [sweep] section.")],
+    out: Annotated[Path | None, typer.Option(help="Sweep folder (default runs/<name>); rerunning resumes it.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Parallel workers (local: processes, default the physical cores).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads per worker (local default: cores // workers; else 1).")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="local, ray or slurm.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    slurm: Annotated[
+        list[str] | None, typer.Option(help="submitit parameter key=value, e.g. slurm_partition=gpu (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the sweep in --out (it must exist).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and stop.")] = False,
+    quick: Annotated[bool, typer.Option(help="Shrink steps and grid for a fast check (shapes unchanged).")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (overrides the spec).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No plan, progress bar or summary.")] = False,
+) -> None:
+    """Run a sweep: points over any fields, equal shapes packed into one model, resumable, local/Ray/SLURM."""
+    experiment = _load(spec, set_, quick, device)
+    _run_sweep(
+        experiment,
+        out,
+        backend=backend,
+        workers=workers,
+        threads=threads,
+        address=address,
+        slurm=slurm,
+        resume=resume,
+        dry_run=dry_run,
+        quiet=quiet,
+    )
 
 
 @app.command("presets")

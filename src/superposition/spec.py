@@ -24,6 +24,8 @@ __all__ = [
     "TrainSpec",
     "InstancesSpec",
     "SaeSpec",
+    "SweepSpec",
+    "SweepReportSpec",
     "Experiment",
     "INSTANCE_AXES",
     "load_spec",
@@ -367,6 +369,98 @@ class SaeSpec(_Section):
         return self.model_copy(update={"architecture": architecture, "name": self.folder_name(architecture)})
 
 
+class SweepReportSpec(_Section):
+    """What a sweep's report draws; unset axes are picked from the sweep's axes."""
+
+    x: str | None = None
+    """Axis on the x of the heatmaps and line plots (default: the last numeric axis)."""
+    y: str | None = None
+    """Axis on the y of the heatmaps; one line per value in the line plots (default: the numeric axis before x)."""
+    by: str | None = None
+    """Axis or label with one panel per value and one threshold-table column per value (default: the first label)."""
+    metric: str = "loss_min"
+    """Results column drawn (loss_min: the lowest final loss over a point's repeats)."""
+    threshold: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    """Threshold read-out: for each y, the smallest x whose metric is below this (seed 002 uses 1e-5)."""
+    log: bool = True
+    """Draw the metric on a log10 scale."""
+
+
+class SweepSpec(_Section):
+    """A grid over any fields, shapes included: one point per combination; equal shapes share one model."""
+
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+    """Dotted field name -> list of values (e.g. "model.d_hidden" = [2, 3, 4]); combined as a Cartesian product."""
+    zip: list[list[str]] = Field(default_factory=list)
+    """Groups of axis (or label) names that advance together instead of multiplying; lists of one length."""
+    where: list[str] = Field(default_factory=list)
+    """Conditions a point must meet, e.g. "model.d_hidden <= model.n_features"; other points are dropped."""
+    repeats: int = Field(1, ge=1, le=100_000)
+    """Initialisation seeds per point, packed into the instance dimension as a seed axis."""
+    labels: dict[str, list[str]] = Field(default_factory=dict)
+    """Name -> list of strings: a results column that is not a field (zip it with the axes it names)."""
+    memory_budget_mb: float = Field(2048.0, gt=0.0, allow_inf_nan=False)
+    """Largest estimated training memory of one packed model in MiB; bigger groups are split."""
+    report: SweepReportSpec = Field(default_factory=SweepReportSpec)
+    """The [sweep.report] table."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect(cls, data: Any) -> Any:
+        # Unquoted TOML keys and --set sweep.axes.model.d_hidden=[...] arrive nested: flatten them into dotted axes,
+        # keeping the order (it orders the product); a later entry of one name replaces the value, so overrides win.
+        if not isinstance(data, dict) or not isinstance(data.get("axes"), dict):
+            return data
+        flat: dict[str, Any] = {}
+        for key, value in data["axes"].items():
+            flat.update(_flatten({key: value}) if isinstance(value, dict) else {key: value})
+        return {**data, "axes": flat}
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        for key, values in self.axes.items():
+            if not _is_field(key):
+                raise ValueError(f"sweep.axes.{key}: not a field (use section.field, e.g. model.d_hidden)")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sweep.axes.{key}: give a non-empty list of values")
+        for name, values in self.labels.items():
+            if not name.isidentifier() or name in self.axes or name in Experiment.model_fields:
+                raise ValueError(f"sweep.labels.{name}: a label needs a plain name that is not a field")
+            if not values:
+                raise ValueError(f"sweep.labels.{name}: give a non-empty list of strings")
+        seen: set[str] = set()
+        for group in self.zip:
+            for name in group:
+                if name not in self.axes and name not in self.labels:
+                    raise ValueError(f"sweep.zip: {name!r} is neither an axis nor a label")
+                if name in seen:
+                    raise ValueError(f"sweep.zip: {name!r} is in more than one group")
+                seen.add(name)
+            lengths = {len(self.axes.get(n) or self.labels[n]) for n in group}
+            if len(lengths) > 1:
+                raise ValueError(f"sweep.zip: the lists of {', '.join(group)} must have one length")
+        for name in self.labels:
+            if name not in seen and len(self.labels[name]) != 1:
+                raise ValueError(f"sweep.labels.{name}: zip a label with the axes it names (sweep.zip)")
+        for what in ("x", "y", "by"):
+            name = getattr(self.report, what)
+            if name is not None and name not in self.axes and name not in self.labels:
+                raise ValueError(f"sweep.report.{what}: {name!r} is neither an axis nor a label")
+        return self
+
+
+def _is_field(key: str) -> bool:
+    """Whether a dotted name is a settable field of an Experiment (instances and sweep excluded)."""
+    parts = key.split(".")
+    info = Experiment.model_fields.get(parts[0])
+    if info is None or parts[0] in ("instances", "sweep", "sae"):
+        return False
+    section = info.annotation if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel) else None
+    if section is None:
+        return len(parts) == 1
+    return len(parts) == 2 and parts[1] in section.model_fields
+
+
 class Experiment(_Section):
     """A complete experiment: what to train, on what, how, and over which instance grid."""
 
@@ -392,6 +486,8 @@ class Experiment(_Section):
     """The [instances] section."""
     sae: SaeSpec | None = None
     """The optional [sae] section: sparse autoencoders trained on the hidden activations after the run."""
+    sweep: SweepSpec | None = None
+    """The optional [sweep] section: a grid over any fields, shapes included (``superposition sweep``)."""
 
     @model_validator(mode="before")
     @classmethod
