@@ -112,14 +112,14 @@ def make_sampler(spec: Experiment, device: torch.device | str = "cpu", dtype=tor
 def importance_tensor(
     spec: Experiment, device: torch.device | str = "cpu", dtype=torch.float32
 ) -> Float[Tensor, "inst feats"]:
-    """Per-instance feature importance: r^i for a ratio r, or the explicit list."""
-    n = spec.model.n_features
+    """Per-instance feature importance: r^(i + task.importance_start) for a ratio r, or the explicit list."""
+    n, start = spec.model.n_features, spec.task.importance_start
     rows = []
     for imp in spec.instance_values("task.importance"):
         if isinstance(imp, list):
             rows.append([float(v) for v in imp])
         else:
-            rows.append([float(imp) ** i for i in range(n)])
+            rows.append([float(imp) ** (i + start) for i in range(n)])
     return torch.tensor(rows, dtype=dtype, device=device)
 
 

@@ -155,6 +155,8 @@ class TaskSpec(_Section):
     """Per-element error: importance-weighted squared (l2) or absolute (l1)."""
     importance: float | list[float] = 1.0
     """Feature importance: a ratio r (I_i = r^i) or an explicit list of n_features weights."""
+    importance_start: int = Field(0, ge=0, le=1000)
+    """First exponent of a ratio importance: I_i = r^(i + start), i = 0..n-1 (the curriculum's 0.75^(1..n) is 1)."""
 
     @field_validator("importance")
     @classmethod
