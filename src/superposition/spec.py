@@ -684,10 +684,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise SpecError(f"--set {item!r}: expected section.field=value, e.g. --set model.d_hidden=3")
         if key.startswith("instances.") and key != "instances.combine":
             axis = key[len("instances.") :]
-            raw.setdefault("instances", {})
-            if not isinstance(raw["instances"], dict):
+            inst = raw.setdefault("instances", {})
+            if not isinstance(inst, dict):
                 raise SpecError("instances: must be a table")
-            raw["instances"].setdefault("axes", {})[axis] = _parse_value(value)
+            # Gather the axes as InstancesSpec does (explicit axes, then the TOML-level keys) so the override
+            # replaces an axis in place (keeping the grid order) instead of being shadowed by the TOML-level key.
+            if not isinstance(inst.get("axes") or {}, dict):
+                raise SpecError("instances.axes: must be a table")
+            axes = dict(inst.get("axes") or {})
+            axes.update(_flatten({k: v for k, v in inst.items() if k not in ("axes", "combine")}))
+            axes[axis] = _parse_value(value)
+            raw["instances"] = {**({"combine": inst["combine"]} if "combine" in inst else {}), "axes": axes}
             continue
         _set_dotted(raw, key, _parse_value(value))
     return raw
