@@ -114,6 +114,55 @@ def run_cmd(
         )
 
 
+@app.command("report")
+def report_cmd(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder.")]) -> None:
+    """Rebuild a run folder's report.html (atomically) from its saved weights and tables."""
+    from superposition.report import write_report
+    from superposition.runs import load_run
+
+    path = write_report(load_run(run_dir))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder.")],
+    figure: Annotated[str, typer.Argument(help="Figure name (see the run's report, or pass 'list').")],
+    out: Annotated[Path | None, typer.Option(help="Output file: .png, .svg, .pdf, .jpeg, .webp or .html.")] = None,
+    width: Annotated[int | None, typer.Option(min=50, max=10000, help="Image width in CSS pixels.")] = None,
+    height: Annotated[int | None, typer.Option(min=50, max=10000, help="Image height in CSS pixels.")] = None,
+    scale: Annotated[float, typer.Option(min=0.1, max=10.0, help="Pixel density of raster images.")] = 2.0,
+) -> None:
+    """Export one figure of a run: PNG/SVG/PDF offline via kaleido and a local Chromium, or standalone HTML."""
+    from superposition.plots import figures_for_run
+    from superposition.report import IMAGE_FORMATS, figure_image
+    from superposition.runs import load_run
+
+    run = load_run(run_dir)
+    figures = {name: fig for name, _, fig in figures_for_run(run)}
+    if figure == "list":
+        for name in figures:
+            typer.echo(name)
+        return
+    if figure not in figures:
+        raise _Fail(f"{run_dir}: no figure {figure!r} for this run (available: {', '.join(figures)})")
+    target = out if out is not None else Path(f"{figure}.png")
+    fmt = target.suffix.lower().lstrip(".").replace("jpg", "jpeg")
+    if fmt not in (*IMAGE_FORMATS, "html"):
+        raise _Fail(f"--out {target}: unknown extension (use .png, .svg, .pdf, .jpeg, .webp or .html)")
+    if not target.parent.is_dir():
+        raise _Fail(f"--out {target}: folder {target.parent} does not exist")
+    fig = figures[figure]
+    if fmt == "html":
+        data = fig.to_html(full_html=True, include_plotlyjs=True, config={"displaylogo": False}).encode("utf-8")
+    else:
+        data = figure_image(fig, fmt, width=width, height=height, scale=scale)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    typer.echo(f"wrote {target} ({len(data) / 1e3:.0f} kB)")
+
+
 def _run_sweep(
     experiment,
     out: Path | None,
