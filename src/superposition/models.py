@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from superposition.spec import Experiment
 
-__all__ = ["ToyModel", "build_model", "ACTIVATIONS"]
+__all__ = ["ToyModel", "build_model", "ACTIVATIONS", "Transplant", "transplant"]
 
 ACTIVATIONS = {
     "relu": torch.relu,
@@ -179,3 +180,39 @@ def build_model(spec: Experiment, device: torch.device | str = "cpu") -> ToyMode
     """Build the model of an experiment from its spec alone, on the device, in the spec's dtype."""
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     return ToyModel(spec).to(device=device, dtype=dtype)
+
+
+class Transplant(NamedTuple):
+    """A plain MLP that holds an embedded residual MLP's weights: its spec and its model."""
+
+    spec: Experiment
+    model: ToyModel
+
+
+@torch.no_grad()
+def transplant(model: ToyModel, spec: Experiment, skip: bool | None = None) -> Transplant:
+    """Move a one-layer embedded residual MLP into a plain one (identity embedding), as seed 004 does.
+
+    W_in' = W_in W_Eᵀ (hidden, feats), W_out' = W_E W_out (feats, hidden), b_out' = W_E b_out; b_in is kept. With
+    ``skip`` False on both sides this is an exact reparametrisation (the same function of x). With a skip connection
+    the embedded residual carries x W_E W_Eᵀ where the plain one carries x, so the two differ by x (W_E W_Eᵀ - I).
+    ``skip`` (default: the source model's) sets the plain model's skip connection.
+    """
+    from superposition.spec import SpecError, parse_spec
+
+    m = spec.model
+    if m.kind != "residual-mlp" or m.n_layers != 1:
+        raise SpecError(f"transplant: needs a one-layer residual-mlp (got {m.kind} with {m.n_layers} layer(s))")
+    raw = spec.model_dump(mode="json")
+    raw["model"].update(embedding="identity", d_embed=m.n_features, skip=m.skip if skip is None else skip)
+    plain_spec = parse_spec(raw)
+    p = next(model.parameters())
+    plain = build_model(plain_spec, p.device).to(p.dtype)
+    w_e = model.W_E
+    plain.W_in.copy_(torch.einsum("ihe,ife->ihf", model.W_in[:, 0], w_e).unsqueeze(1))
+    plain.W_out.copy_(torch.einsum("ife,ieh->ifh", w_e, model.W_out[:, 0]).unsqueeze(1))
+    if hasattr(model, "b_in"):
+        plain.b_in.copy_(model.b_in)
+    if hasattr(model, "b_out"):
+        plain.b_out.copy_(torch.einsum("ife,ie->if", w_e, model.b_out[:, 0]).unsqueeze(1))
+    return Transplant(plain_spec, plain)
