@@ -283,3 +283,15 @@ def test_instance_labels_and_escaping():
     fig = plots.features_nd(np.ones((1, 3)), np.zeros((1, 3)), ["<b onclick=x>hi</b>"])
     titles = [a.text for a in fig.layout.annotations]
     assert "&lt;b onclick=x&gt;hi&lt;/b&gt;" in titles
+
+
+def test_features_2d_with_many_features_uses_two_traces_per_panel():
+    rng = np.random.default_rng(0)
+    n = plots.MAX_ARROWS + 10
+    W = rng.normal(size=(3, 2, n))
+    fig = plots.features_2d(W, np.ones((3, n)), ["a", "b", "c"])
+    assert len(fig.data) == 3 * 2 + 1
+    shafts, tips = fig.data[0], fig.data[1]
+    np.testing.assert_allclose(tips.x, W[0, 0])
+    np.testing.assert_allclose(tips.y, W[0, 1])
+    assert len(shafts.x) == 3 * n  # origin, tip, gap per feature

@@ -47,6 +47,8 @@ MAX_PANELS = 16
 """Most instance panels one figure draws (more instances are subsampled evenly)."""
 MAX_CURVES = 40
 """Most loss curves one figure draws."""
+MAX_ARROWS = 40
+"""Above this many features the 2-D figure draws all arrows of a panel as two traces instead of one per feature."""
 
 CONTINUOUS = "Viridis"
 DIVERGING = "RdBu"
@@ -228,7 +230,9 @@ def features_2d(
 ) -> go.Figure:
     """One panel per instance: each feature's embedding W_i as an arrow from the origin, coloured by importance.
 
-    Traces: one per feature per panel, plus one that carries the importance colour bar.
+    Traces: one per feature per panel, plus one that carries the importance colour bar. With more than
+    ``MAX_ARROWS`` features (double descent: 1000 features in 2-D) two per panel instead: all shafts in one grey
+    trace, all tips in one trace coloured by importance.
     """
     W, imp = _np(W), _np(importance)
     n_inst, hidden, n_feat = W.shape
@@ -238,10 +242,12 @@ def features_2d(
     lo, hi = float(imp.min()), float(imp.max())
     scaled = (imp - lo) / (hi - lo) if hi > lo else np.full_like(imp, 0.5)
     colours = np.array(sample_colorscale(CONTINUOUS, list(scaled.ravel()))).reshape(imp.shape)
-    lim = 1.15 * max(1.0, float(np.abs(W).max()))
+    lim = 1.15 * max(1.0, float(np.nanmax(np.abs(W), initial=0.0)))
     for k in range(n_inst):
         row, col = divmod(k, cols)
-        for i in range(n_feat):
+        if n_feat > MAX_ARROWS:
+            _many_arrows(fig, W[k], imp[k], colours[k], row + 1, col + 1)
+        for i in range(n_feat if n_feat <= MAX_ARROWS else 0):
             x, y = W[k, 0, i], W[k, 1, i]
             fig.add_trace(
                 go.Scatter(
@@ -252,8 +258,8 @@ def features_2d(
                     marker=dict(size=[0, 7], color=colours[k, i]),
                     showlegend=False,
                     hovertemplate=(
-                        f"feature {i}<br>importance {imp[k, i]:.3g}<br>W_i = ({x:.3f}, {y:.3f})"
-                        f"<br>‖W_i‖ = {math.hypot(x, y):.3f}<extra></extra>"
+                        f"feature {i}<br>importance {imp[k, i]:.3g}<br>W<sub>i</sub> = ({x:.3f}, {y:.3f})"
+                        f"<br>norm {math.hypot(x, y):.3f}<extra></extra>"
                     ),
                 ),
                 row=row + 1,
@@ -288,6 +294,38 @@ def features_2d(
         )
     )
     return _finish(fig, title, height=100 + 250 * rows, width=max(640, 230 * cols + 170))
+
+
+def _many_arrows(fig: go.Figure, W: np.ndarray, imp: np.ndarray, colours: np.ndarray, row: int, col: int) -> None:
+    n = W.shape[-1]
+    shafts = np.full((n, 3, 2), np.nan)
+    shafts[:, 0] = 0.0
+    shafts[:, 1] = W.T
+    fig.add_trace(
+        go.Scatter(
+            x=shafts[:, :, 0].ravel(),
+            y=shafts[:, :, 1].ravel(),
+            mode="lines",
+            line=dict(color="rgba(120,120,120,0.35)", width=1),
+            showlegend=False,
+            hoverinfo="skip",
+        ),
+        row=row,
+        col=col,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=W[0],
+            y=W[1],
+            mode="markers",
+            marker=dict(size=4, color=list(colours)),
+            customdata=np.stack([np.arange(n), imp], axis=-1),
+            showlegend=False,
+            hovertemplate="feature %{customdata[0]}<br>importance %{customdata[1]:.3g}<extra></extra>",
+        ),
+        row=row,
+        col=col,
+    )
 
 
 def features_nd(
@@ -784,46 +822,44 @@ def _darken(colour: str, amount: float = 0.25) -> str:
 def tmcc_loss(
     probability: Float[np.ndarray, " inst"],
     loss: Float[np.ndarray, " inst"],
-    naive_loss_per_p: float,
+    naive_loss_per_p: float | Float[np.ndarray, " inst"],
     labels: Sequence[str],
     *,
     title: str = (
-        "Compressed computation: loss per feature over feature probability, L/p<br><sup>below the dashed "
-        "naive line the model computes more features than it has neurons</sup>"
+        "Compressed computation: loss per feature over feature probability, L/p<br><sup>below the dashed naive "
+        "line the model computes more features than it has neurons</sup>"
     ),
 ) -> go.Figure:
-    """Seed 004's yardstick: each instance's loss divided by its feature probability p, beside the naive loss of
-    computing d of the n features exactly and dropping the rest, (n−d)/(6n) per unit p. Below the line = the model
-    computes more features than it has neurons.
+    """Seed 004's yardstick: each instance's loss (per feature) divided by its feature probability p, beside the
+    naive loss of computing d of the n features exactly and dropping the rest ((n−d)/(6n) per unit p for TMCC).
+    A scalar naive value draws a horizontal line; one value per instance draws a line through them.
 
     Traces: the trained points and the naive line.
     """
     p, L = _np(probability), _np(loss)
+    naive = np.broadcast_to(_np(naive_loss_per_p), p.shape)
+    order = np.argsort(p)
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(
-            x=p,
-            y=L / p,
+            x=p[order],
+            y=(L / p)[order],
             mode="markers+lines" if len(np.unique(p)) > 1 else "markers",
             name="trained model",
-            text=[_esc(s) for s in labels],
+            text=[_esc(labels[i]) for i in order],
             marker=dict(size=9),
             hovertemplate="%{text}<br>p = %{x:.3g}<br>L/p = %{y:.4f}<extra></extra>",
         )
     )
     lo, hi = float(np.nanmin(p)), float(np.nanmax(p))
-    fig.add_trace(
-        go.Scatter(
-            x=[lo / 1.5, hi * 1.5],
-            y=[naive_loss_per_p, naive_loss_per_p],
-            mode="lines",
-            name=f"naive loss (n−d)/(6n) = {naive_loss_per_p:.4f}",
-            line=dict(color="black", dash="dash"),
-        )
-    )
+    if np.allclose(naive, naive[0], rtol=1e-6):
+        nx, ny, name = [lo / 1.5, hi * 1.5], [naive[0], naive[0]], f"naive loss = {naive[0]:.4f} (e.g. (n−d)/(6n))"
+    else:
+        nx, ny, name = p[order], naive[order], "naive loss"
+    fig.add_trace(go.Scatter(x=nx, y=ny, mode="lines", name=name, line=dict(color="black", dash="dash")))
     fig.update_xaxes(type="log", title_text="feature probability p (dimensionless, log scale)")
     fig.update_yaxes(title_text="loss per feature / p (dimensionless)", rangemode="tozero")
-    return _finish(fig, title, height=440, legend=dict(orientation="h", y=-0.2))
+    return _finish(fig, title, height=460, legend=dict(orientation="h", y=-0.2))
 
 
 def benefit_interference(
@@ -873,7 +909,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "benefit-interference": ("Benefit and interference", "the two terms of the loss (bottleneck models)"),
     "geometry": ("Geometry", "dimensions per feature against 1/(1−S), sticky values (≥ 3 probabilities)"),
     "phase": ("Phase diagram", "analytic regimes and trained points (≤ 4 features, importance × density grid)"),
-    "tmcc": ("Compressed computation", "L/p against the naive loss (residual-mlp, relu-plus-x label)"),
+    "tmcc": ("Compressed computation", "L/p against the naive loss (residual-mlp, signed inputs, l2 loss)"),
     "loss": ("Training loss", "loss curve per instance (every run)"),
 }
 """Every figure name :func:`figures_for_run` may return: (heading, what it shows and where it applies)."""
@@ -962,11 +998,12 @@ def figures_for_run(run: Run) -> list[NamedFigure]:
     phase = _phase_figure(run, W)
     if phase is not None:
         add("phase", phase)
-    if kind == "residual-mlp" and spec.task.target == "relu-plus-x":
-        from superposition.theory import tmcc_naive_loss
+    if kind == "residual-mlp" and spec.task.loss == "l2" and spec.data.magnitude == "signed":
+        from superposition.theory import naive_loss
 
-        naive = tmcc_naive_loss(n_feat, hidden * spec.model.n_layers, 1.0)  # L/p does not depend on p
-        add("tmcc", tmcc_loss(probs, run.instances["loss"].to_numpy(dtype=np.float64), naive, all_labels))
+        naive = naive_loss(spec) / n_feat / probs  # the run's loss is a mean over features
+        if np.all(np.isfinite(naive)):
+            add("tmcc", tmcc_loss(probs, run.instances["loss"].to_numpy(dtype=np.float64), naive, all_labels))
     add("loss", loss_curves(run.history, all_labels))
     return out
 
