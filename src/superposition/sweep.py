@@ -21,6 +21,7 @@ the finished run folders. The figure helpers at the end are pure functions of th
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -929,7 +930,12 @@ def collect_results(out: str | Path, plan: Plan) -> pd.DataFrame:
         frame[name] = frame[name].astype("Int64")
     frame["point"] = frame["point"].astype(np.int64)
     frame["repeats"] = frame["repeats"].astype(np.int64)
-    return frame
+    for name in ("group", "status", "error"):  # a string column even when every value is missing
+        frame[name] = frame[name].astype("string")
+    # Round-trip through parquet so the table in memory has exactly the dtypes of results.parquet.
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return pd.read_parquet(io.BytesIO(buffer.getvalue()))
 
 
 # -- loading a sweep ---------------------------------------------------------------------------------------------
