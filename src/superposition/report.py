@@ -184,12 +184,25 @@ MAX_FEATURE_ROWS = 400
 def _facts(run: Run) -> pd.DataFrame:
     spec, meta = run.spec, run.meta
     m, d, t, tr = spec.model, spec.data, spec.task, spec.train
+    axes = spec.instances.axes
+
+    def val(key: str, text: str) -> str:
+        return "per instance (see the table)" if key in axes else text
+
+    kind = val("model.kind", m.kind)
     rows: list[tuple[str, Any]] = [
-        ("model", f"{m.kind}, {m.n_features} features, d_hidden {m.d_hidden}, {'tied' if m.tied else 'untied'}"),
-        ("data", f"{d.kind}, {d.magnitude} magnitudes, p = {d.feature_probability:g}"),
-        ("task", f"target {t.target}, {t.loss} loss, importance {_short(t.importance)}"),
-        ("training", f"{tr.steps} steps, batch {tr.batch_size}, {tr.optimizer} lr {tr.lr:g}, {tr.schedule}"),
-        ("instances", f"{spec.n_instances} ({', '.join(spec.instances.axes) or 'no grid'})"),
+        ("model", f"{kind}, {m.n_features} features, d_hidden {m.d_hidden}, {'tied' if m.tied else 'untied'}"),
+        (
+            "data",
+            f"{d.kind}, {d.magnitude} magnitudes, p {val('data.feature_probability', f'{d.feature_probability:g}')}",
+        ),
+        ("task", f"target {t.target}, {t.loss} loss, importance {val('task.importance', _short(t.importance))}"),
+        (
+            "training",
+            f"{tr.steps} steps, batch {tr.batch_size}, {tr.optimizer}, lr {val('train.lr', f'{tr.lr:g}')}, "
+            f"weight decay {val('train.weight_decay', f'{tr.weight_decay:g}')}, {tr.schedule} schedule",
+        ),
+        ("instances", f"{spec.n_instances} ({' × '.join(f'{k} ({len(v)})' for k, v in axes.items()) or 'no grid'})"),
     ]
     for key in ("engine", "device", "train_seconds", "superposition_version", "torch_version"):
         if key in meta:
@@ -200,7 +213,7 @@ def _facts(run: Run) -> pd.DataFrame:
 def _short(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(f"{x:g}" for x in v[:4]) + (", …]" if len(v) > 4 else "]")
-    return f"ratio {v:g} (I_i = {v:g}^i)"
+    return f"ratio {v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def _feature_table(run: Run) -> pd.DataFrame | None:
