@@ -23,6 +23,12 @@ is present only where it makes sense for the model kind):
 | ``cos_corr`` / ``cos_anti`` | mean cosine between the two features of each correlated / anticorrelated pair |
 | ``ternary_pos`` / ``ternary_neg`` / ``ternary_zero`` | untied weights: fractions strongly +, strongly −, near 0 |
 | ``n_motifs`` | untied neuron/mlp models: asymmetric superposition motifs found (:func:`asymmetric_motifs`) |
+| ``n_computed`` | signed data, neuron/mlp/residual-mlp: features whose output is within 0.25 of the label at
+  x_i = -1, 0, 1 with every other feature off (:func:`computation`) |
+| ``n_abs_pairs`` | untied models with the abs target: features read by an antipodal pair of neurons that both write
+  positively to them (:func:`abs_pairs`) |
+| ``transplant_loss`` | one-layer residual-mlp with a random embedding: the loss of the same weights moved into a plain
+  MLP (``models.transplant``) on the same evaluation samples as ``loss`` (equal to it without a skip connection) |
 
 Thresholds are arguments with the defaults named above; every function states its own.
 """
@@ -65,6 +71,10 @@ __all__ = [
     "PairCosines",
     "pair_cosines",
     "effective_rank",
+    "Computation",
+    "computation",
+    "abs_pairs",
+    "transplant_loss",
     "instance_metrics",
 ]
 
@@ -327,6 +337,60 @@ def effective_rank(W: Float[Tensor, "inst hidden feats"]) -> Float[Tensor, " ins
     return torch.exp(h).to(W.dtype)
 
 
+class Computation(NamedTuple):
+    """How well a model computes each feature's label on its own (every other feature off)."""
+
+    error: Float[Tensor, "inst feats"]
+    """max over x_i in {-1, 0, 1} of |x'_i - y_i|: 0 for a perfectly computed feature."""
+    nonlinear: Float[Tensor, "inst feats"]
+    """x'_i(1) + x'_i(-1) - 2 x'_i(0): the even part of the response (ReLU(x): 1, |x|: 2, any linear response: 0)."""
+
+
+@torch.no_grad()
+def computation(model: ToyModel, spec: Experiment) -> Computation:
+    """Probe each feature alone at x_i = -1, 0, 1 and compare the output with the label (signed-input tasks)."""
+    from superposition.data import target_fn
+
+    p = next(model.parameters())
+    n, inst = spec.model.n_features, spec.n_instances
+    eye = torch.eye(n, device=p.device, dtype=p.dtype)
+    x = torch.cat([-eye, torch.zeros_like(eye), eye])[:, None, :].expand(3 * n, inst, n)  # (3n, inst, n)
+    k = torch.tensor([float(v) for v in spec.instance_values("task.residual_factor")], device=p.device, dtype=p.dtype)
+    idx = torch.arange(n, device=p.device)
+    out = model(x).view(3, n, inst, n)[:, idx, :, idx]  # [feature, sign, inst]: the probed feature's own output
+    y = target_fn(spec.task.target, x, k).view(3, n, inst, n)[:, idx, :, idx]
+    error = (out - y).abs().amax(dim=1).transpose(0, 1)
+    nonlinear = (out[:, 2] + out[:, 0] - 2 * out[:, 1]).transpose(0, 1)
+    return Computation(error, nonlinear)
+
+
+def abs_pairs(
+    W1: Float[Tensor, "inst hidden feats"], W2: Float[Tensor, "inst feats hidden"], path: float = 0.1
+) -> Float[Tensor, "inst feats"]:
+    """1 where feature i has an antipodal neuron pair: neurons n, m whose strongest input is i, with W1[n,i] > 0 >
+    W1[m,i] and both W2[i,n], W2[i,m] > 0, and each path |W1|·W2 at least ``path`` (seed 000's |x| circuit)."""
+    n_feat = W1.shape[-1]
+    top = W1.abs().argmax(dim=-1)  # (inst, hidden): each neuron's dominant feature
+    w_in = W1.gather(-1, top.unsqueeze(-1)).squeeze(-1)
+    w_out = W2.transpose(-1, -2).gather(-1, top.unsqueeze(-1)).squeeze(-1)
+    good = (w_out > 0) & (w_in.abs() * w_out >= path)
+    onehot = torch.nn.functional.one_hot(top, n_feat).to(W1.dtype)  # (inst, hidden, feats)
+    pos = ((good & (w_in > 0)).to(W1.dtype).unsqueeze(-1) * onehot).sum(dim=-2) > 0
+    neg = ((good & (w_in < 0)).to(W1.dtype).unsqueeze(-1) * onehot).sum(dim=-2) > 0
+    return (pos & neg).to(W1.dtype)
+
+
+def transplant_loss(model: ToyModel, spec: Experiment) -> np.ndarray:
+    """Per-instance loss of ``models.transplant(model)`` on the same fresh evaluation samples as a run's ``loss``."""
+    from superposition.models import transplant
+    from superposition.train import TrainState, evaluate
+
+    plain = transplant(model, spec)
+    state = TrainState.create(plain.spec, next(model.parameters()).device)
+    state.model.load_state_dict(plain.model.state_dict())
+    return evaluate(state).double().cpu().numpy()
+
+
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     total = torch.where(mask, values, torch.zeros_like(values)).sum(dim=-1)
     count = mask.sum(dim=-1)
@@ -383,4 +447,11 @@ def instance_metrics(model: ToyModel, spec: Experiment) -> dict[str, np.ndarray]
             for motif in asymmetric_motifs(W, W2):
                 counts[motif.instance] += 1
             out["n_motifs"] = counts
+    if spec.data.magnitude == "signed" and kind in ("neuron", "mlp", "residual-mlp"):
+        out["n_computed"] = (computation(model, spec).error < 0.25).sum(dim=-1).cpu().numpy().astype(np.int64)
+    if W2 is not None and spec.task.target == "abs":
+        out["n_abs_pairs"] = abs_pairs(W, W2).sum(dim=-1).cpu().numpy().astype(np.int64)
+    m = spec.model
+    if kind == "residual-mlp" and m.n_layers == 1 and m.embedding == "random-fixed":
+        out["transplant_loss"] = transplant_loss(model, spec)
     return out
