@@ -242,7 +242,7 @@ def features_2d(
     n_inst, hidden, n_feat = W.shape
     if hidden != 2:
         raise ValueError(f"features_2d needs a 2-D hidden space (got {hidden})")
-    fig, rows, cols = _subplot_grid(titles, cols, max_cols=8)
+    fig, rows, cols = _subplot_grid(titles, cols, max_cols=4)
     lo, hi = float(imp.min()), float(imp.max())
     scaled = (imp - lo) / (hi - lo) if hi > lo else np.full_like(imp, 0.5)
     colours = np.array(sample_colorscale(CONTINUOUS, list(scaled.ravel()))).reshape(imp.shape)
@@ -1036,7 +1036,8 @@ def _phase_figure(run: Run, W: Any) -> go.Figure | None:
     instances on top (2 features in 1 dimension, 3 in 2, ...: any n ≤ 4 features in fewer dimensions)."""
     spec = run.spec
     n, m = spec.model.n_features, spec.model.d_hidden
-    if spec.model.kind != "relu-output" or not spec.model.tied or not (2 <= n <= 4 and m < n):
+    kinds = set(spec.instance_values("model.kind"))
+    if kinds != {"relu-output"} or not spec.model.tied or not (2 <= n <= 4 and m < n):
         return None
     if not (_varies(spec, "task.importance") and _varies(spec, "data.feature_probability")):
         return None
