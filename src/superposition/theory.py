@@ -290,13 +290,15 @@ def pattern_probabilities(
     return prob
 
 
-_SUBSETS: dict[int, Tensor] = {}
+_SUBSETS: dict[tuple[int, str], Tensor] = {}
 
 
-def _subsets(k: int) -> Tensor:
-    if k not in _SUBSETS:
-        _SUBSETS[k] = torch.tensor(list(itertools.product((0.0, 1.0), repeat=k)), dtype=DTYPE).reshape(-1, k)
-    return _SUBSETS[k]
+def _subsets(k: int, device: torch.device) -> Tensor:
+    key = (k, str(device))
+    if key not in _SUBSETS:
+        table = torch.tensor(list(itertools.product((0.0, 1.0), repeat=k)), dtype=DTYPE, device=device)
+        _SUBSETS[key] = table.reshape(-1, k)
+    return _SUBSETS[key]
 
 
 def _trunc_power(beta: Tensor, c: Tensor, m: int, tol: float) -> Tensor:
@@ -305,14 +307,14 @@ def _trunc_power(beta: Tensor, c: Tensor, m: int, tol: float) -> Tensor:
     nz = c.abs() > tol
     kp = nz.sum(dim=-1)
     c_safe = torch.where(nz, c, torch.ones_like(c))
-    eps = _subsets(k)  # (2^k, k)
+    eps = _subsets(k, c.device)  # (2^k, k)
     inv = (1.0 / c_safe).unsqueeze(-2)  # (..., 1, k)
     on = eps > 0
     w = torch.where(nz.unsqueeze(-2), torch.where(on, inv, -inv), torch.where(on, 0.0, 1.0).to(c.dtype))
     weight = w.prod(dim=-1)  # (..., 2^k)
     arg = beta.unsqueeze(-1) + (torch.where(nz, c, torch.zeros_like(c)).unsqueeze(-2) * eps).sum(dim=-1)
     power = (m + kp).to(c.dtype).unsqueeze(-1)
-    coef = torch.exp(torch.lgamma(torch.tensor(m + 1.0, dtype=c.dtype)) - torch.lgamma(m + kp.to(c.dtype) + 1))
+    coef = torch.exp(math.lgamma(m + 1.0) - torch.lgamma(m + kp.to(c.dtype) + 1))
     return coef * (weight * arg.clamp_min(0) ** power).sum(dim=-1)
 
 
@@ -687,18 +689,18 @@ def analytic_phase_diagram(
     losses = expected_loss(table.unsqueeze(0), probs[None, :, None, :], imp[:, None, None, :])  # (R, P, K)
     if convention == "free":
         losses, norms, b_full = _optimise_free(G, rep, b_full, probs, imp, magnitude, free_steps, free_lr, losses)
-    loss_np = losses.detach().numpy()
+    loss_np = losses.detach().cpu().numpy()
     order = np.sort(loss_np, axis=-1)
     gap = order[..., 1] - order[..., 0] if K > 1 else np.zeros(loss_np.shape[:-1])
     return PhaseDiagram(
         candidates=cands,
-        importances=imp.numpy(),
-        probabilities=ps.numpy(),
+        importances=imp.cpu().numpy(),
+        probabilities=ps.cpu().numpy(),
         losses=loss_np,
         winner=loss_np.argmin(axis=-1),
         gap=gap,
-        biases=b_full.detach().numpy(),
-        norms=norms.detach().numpy(),
+        biases=b_full.detach().cpu().numpy(),
+        norms=norms.detach().cpu().numpy(),
         convention=convention,
     )
 

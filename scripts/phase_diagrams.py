@@ -1,0 +1,139 @@
+"""Reproduce the numbers of docs/phase-changes.md: train the two phase-diagram presets and compute the analytic
+diagrams (paper / bias / free conventions) on the preset grids and on finer grids.
+
+    python scripts/phase_diagrams.py --out runs/phase            # train (device from --device) + analytic
+    python scripts/phase_diagrams.py --out runs/phase --analyse  # compare saved runs with the analytic diagrams
+
+Stages write into --out: one run folder per preset, ``analytic.npz`` (every diagram), ``log.txt``. With
+``--device cuda`` the training runs on the GPU and the analytic stage uses it as torch's default device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from superposition import phase
+from superposition import theory as T
+from superposition.runs import load_run, run
+from superposition.spec import load_spec
+
+PRESETS = {"phase-diagram": (2, 1), "phase-diagram-3x2": (3, 2)}
+
+
+def log(out: Path, text: str) -> None:
+    with open(out / "log.txt", "a", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+
+
+def grids(n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (importances (R, n), densities (P,)); the last feature's relative importance varies."""
+
+    def rows(r: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.ones((len(r), n - 1)), r[:, None]], axis=1)
+
+    out = {"fine": (rows(np.logspace(-1, 1, 41)), np.logspace(-2, 0, 41))}
+    if n == 3:
+        out["zoom"] = (rows(np.logspace(np.log10(0.5), np.log10(2.0), 41)), np.logspace(np.log10(0.2), 0, 41))
+    return out
+
+
+def train_stage(out: Path, device: str, quick: bool) -> None:
+    for name in PRESETS:
+        folder = out / name
+        if folder.exists():
+            continue
+        spec = load_spec(name, overrides=[f"device={device}"], quick=quick)
+        start = time.perf_counter()
+        result = run(spec, folder)
+        log(
+            out,
+            f"trained {name}: {spec.n_instances} instances, {spec.train.steps} steps, "
+            f"{time.perf_counter() - start:.1f} s total, train {result.meta['train_seconds']} s on {device}",
+        )
+
+
+def analytic_stage(out: Path, device: str, quick: bool) -> None:
+    if device == "cuda":
+        torch.set_default_device("cuda")
+    data: dict[str, np.ndarray] = {}
+    for name, (n, m) in PRESETS.items():
+        spec = load_spec(name, quick=quick)
+        g = phase.phase_grid(spec)
+        todo = {"preset": (g.importances, g.probabilities)} | ({} if quick else grids(n))
+        for grid_name, (imp, ps) in todo.items():
+            for conv in T.CONVENTIONS:
+                start = time.perf_counter()
+                d = T.analytic_phase_diagram(n, m, imp, ps, conv)
+                key = f"{name}/{grid_name}/{conv}"
+                data[key + "/losses"] = d.losses
+                data[key + "/biases"] = d.biases
+                data[key + "/norms"] = d.norms
+                data[f"{name}/{grid_name}/importances"] = d.importances
+                data[f"{name}/{grid_name}/probabilities"] = d.probabilities
+                data[f"{name}/names"] = np.array([c.name for c in d.candidates])
+                log(out, f"analytic {key}: {len(ps)}x{len(imp)} cells, {time.perf_counter() - start:.1f} s")
+                np.savez_compressed(out / "analytic.npz", **data)
+
+
+def counts(values: np.ndarray) -> dict[str, int]:
+    keys, n = np.unique(values, return_counts=True)
+    return {str(k): int(v) for k, v in zip(keys, n, strict=True)}
+
+
+def analyse(out: Path) -> dict:
+    """Agreement of every saved run with the analytic diagrams on its grid, and what the triangle does."""
+    saved = np.load(out / "analytic.npz")
+    report: dict = {}
+    for name, (n, m) in PRESETS.items():
+        folder = out / name
+        if not folder.exists():
+            continue
+        emp = phase.empirical_diagram(load_run(folder))
+        g = emp.grid
+        entry: dict = {"cells": int(emp.winner.size), "instances": int(len(emp.instance_class))}
+        for conv in T.CONVENTIONS:
+            ana = T.analytic_phase_diagram(n, m, g.importances, g.probabilities, conv)
+            key = f"{name}/preset/{conv}/losses"
+            if key in saved:  # the stored (possibly GPU-computed) losses
+                ana = ana._replace(losses=saved[key], winner=saved[key].argmin(-1))
+            entry[f"agreement_{conv}"] = float(phase.agreement(emp, ana).mean())
+        cls_names = np.array([c.name for c in emp.candidates])
+        entry["winners"] = counts(cls_names[emp.winner])
+        entry["instances_by_class"] = counts(cls_names[emp.instance_class])
+        report[name] = entry
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-analytic", action="store_true")
+    ap.add_argument("--analyse", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.analyse:
+        print(json.dumps(analyse(args.out), indent=2))
+        return
+    stages = [("train", train_stage, args.skip_train), ("analytic", analytic_stage, args.skip_analytic)]
+    for label, stage, skip in stages:
+        if skip:
+            continue
+        try:
+            stage(args.out, args.device, args.quick)
+        except Exception:  # keep going: each stage's results are useful alone
+            log(args.out, f"stage {label} failed:\n{traceback.format_exc()}")
+
+
+if __name__ == "__main__":
+    main()
