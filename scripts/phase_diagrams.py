@@ -71,7 +71,13 @@ def analytic_stage(out: Path, device: str, quick: bool) -> None:
         for grid_name, (imp, ps) in todo.items():
             for conv in T.CONVENTIONS:
                 start = time.perf_counter()
-                d = T.analytic_phase_diagram(n, m, imp, ps, conv)
+                try:
+                    d = T.analytic_phase_diagram(n, m, imp, ps, conv)
+                except Exception:  # e.g. a GPU problem: fall back to the CPU for the rest
+                    log(out, f"analytic {name}/{grid_name}/{conv} failed on {device}:\n{traceback.format_exc()}")
+                    torch.set_default_device("cpu")
+                    device = "cpu"
+                    d = T.analytic_phase_diagram(n, m, imp, ps, conv)
                 key = f"{name}/{grid_name}/{conv}"
                 data[key + "/losses"] = d.losses
                 data[key + "/biases"] = d.biases
