@@ -295,3 +295,15 @@ def test_features_2d_with_many_features_uses_two_traces_per_panel():
     np.testing.assert_allclose(tips.x, W[0, 0])
     np.testing.assert_allclose(tips.y, W[0, 1])
     assert len(shafts.x) == 3 * n  # origin, tip, gap per feature
+
+
+def test_features_2d_colours_pairs_by_group():
+    spec = _spec(model={"kind": "relu-output", "n_features": 5, "d_hidden": 2}, data={"n_anticorrelated_pairs": 2})
+    groups = plots._feature_groups(spec)
+    assert groups == ["anticorrelated pair 1"] * 2 + ["anticorrelated pair 2"] * 2 + ["independent"]
+    fig = plots.features_2d(np.ones((2, 2, 5)), np.ones((2, 5)), ["a", "b"], groups=groups)
+    assert len(fig.data) == 2 * 5 + 1
+    legend = [t.name for t in fig.data if t.showlegend]
+    assert legend == ["anticorrelated pair 1", "anticorrelated pair 2", "independent"]
+    assert fig.data[0].line.color == fig.data[1].line.color != fig.data[2].line.color
+    assert fig.data[-1].marker.showscale is False  # no importance colour bar when colouring by group

@@ -231,10 +231,13 @@ def features_2d(
         "coloured by its importance I<sub>i</sub></sup>"
     ),
     cols: int | None = None,
+    groups: Sequence[str] | None = None,
 ) -> go.Figure:
-    """One panel per instance: each feature's embedding W_i as an arrow from the origin, coloured by importance.
+    """One panel per instance: each feature's embedding W_i as an arrow from the origin, coloured by importance,
+    or, given ``groups`` (one label per feature, e.g. "correlated pair 1"), one colour per group with a legend.
 
-    Traces: one per feature per panel, plus one that carries the importance colour bar. With more than
+    Traces: one per feature per panel, plus one that carries the importance colour bar (shown only when
+    importances differ and no groups are given). With more than
     ``MAX_ARROWS`` features (double descent: 1000 features in 2-D) two per panel instead: all shafts in one grey
     trace, all tips in one trace coloured by importance.
     """
@@ -246,6 +249,11 @@ def features_2d(
     lo, hi = float(imp.min()), float(imp.max())
     scaled = (imp - lo) / (hi - lo) if hi > lo else np.full_like(imp, 0.5)
     colours = np.array(sample_colorscale(CONTINUOUS, list(scaled.ravel()))).reshape(imp.shape)
+    group_names = list(dict.fromkeys(groups)) if groups is not None else []
+    if groups is not None:
+        palette = dict(zip(group_names, _discrete_colours(len(group_names)), strict=True))
+        colours = np.array([[palette[g] for g in groups]] * n_inst)
+        title = title.replace("coloured by its importance I<sub>i</sub>", "coloured by group")
     lim = 1.15 * max(1.0, float(np.nanmax(np.abs(W), initial=0.0)))
     for k in range(n_inst):
         row, col = divmod(k, cols)
@@ -260,7 +268,9 @@ def features_2d(
                     mode="lines+markers",
                     line=dict(color=colours[k, i], width=2),
                     marker=dict(size=[0, 7], color=colours[k, i]),
-                    showlegend=False,
+                    name=_esc(groups[i]) if groups is not None else None,
+                    legendgroup=_esc(groups[i]) if groups is not None else None,
+                    showlegend=groups is not None and k == 0 and groups.index(groups[i]) == i,
                     hovertemplate=(
                         f"feature {i}<br>importance {imp[k, i]:.3g}<br>W<sub>i</sub> = ({x:.3f}, {y:.3f})"
                         f"<br>norm {math.hypot(x, y):.3f}<extra></extra>"
@@ -292,7 +302,7 @@ def features_2d(
                 cmin=lo,
                 cmax=hi if hi > lo else lo + 1e-9,
                 color=[lo],
-                showscale=True,
+                showscale=hi > lo and groups is None,
                 colorbar=dict(title=dict(text="importance I<sub>i</sub><br>(loss weight)"), thickness=12),
             ),
         )
@@ -966,7 +976,7 @@ def figures_for_run(run: Run) -> list[NamedFigure]:
         out.append(NamedFigure(name, FIGURES[name][0], fig))
 
     if bottleneck and hidden == 2:
-        add("features-2d", features_2d(W_sel.numpy(), imp[sel].numpy(), titles))
+        add("features-2d", features_2d(W_sel.numpy(), imp[sel].numpy(), titles, groups=_feature_groups(spec)))
     enc_name = "W" if model.tied and kind != "residual-mlp" else "W1" if kind != "residual-mlp" else "W_in·W_Eᵀ"
     add(
         "features-nd",
@@ -1016,6 +1026,16 @@ def figures_for_run(run: Run) -> list[NamedFigure]:
             add("tmcc", tmcc_loss(probs, run.instances["loss"].to_numpy(dtype=np.float64), naive, all_labels))
     add("loss", loss_curves(run.history, all_labels))
     return out
+
+
+def _feature_groups(spec: Experiment) -> list[str] | None:
+    """Pair labels per feature for correlated / anticorrelated data (columns: correlated pairs first), else None."""
+    nc, na = spec.n_pairs
+    if not (nc or na) or spec.data.kind == "hierarchy":
+        return None
+    labels = [f"correlated pair {k + 1}" for k in range(nc) for _ in range(2)]
+    labels += [f"anticorrelated pair {k + 1}" for k in range(na) for _ in range(2)]
+    return labels + ["independent"] * (spec.model.n_features - len(labels))
 
 
 def _group_labels(spec: Experiment, exclude: Sequence[str]) -> list[str]:
