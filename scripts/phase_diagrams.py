@@ -60,14 +60,43 @@ def train_stage(out: Path, device: str, quick: bool) -> None:
         )
 
 
+def zoom_spec(device: str, quick: bool):
+    """The 3×2 preset trained on the zoom grid around the triangle's island (r 0.5..2, density 0.2..1)."""
+    imp, ps = grids(3)["zoom"]
+    step = 9 if quick else 3
+    overrides = [
+        f"device={device}",
+        "name=phase-diagram-3x2-zoom",
+        f"instances.task.importance={[[float(f'{v:.5g}') for v in row] for row in imp[::step]]}",
+        f"instances.data.feature_probability={[float(f'{v:.5g}') for v in ps[::step]]}",
+    ]
+    return load_spec("phase-diagram-3x2", overrides=overrides, quick=quick)
+
+
+def zoom_stage(out: Path, device: str, quick: bool) -> None:
+    folder = out / "phase-diagram-3x2-zoom"
+    if folder.exists():
+        return
+    spec = zoom_spec(device, quick)
+    start = time.perf_counter()
+    result = run(spec, folder)
+    log(
+        out,
+        f"trained zoom: {spec.n_instances} instances, {spec.train.steps} steps, "
+        f"{time.perf_counter() - start:.1f} s total, train {result.meta['train_seconds']} s on {device}",
+    )
+
+
 def analytic_stage(out: Path, device: str, quick: bool) -> None:
     if device == "cuda":
         torch.set_default_device("cuda")
     data: dict[str, np.ndarray] = {}
-    for name, (n, m) in PRESETS.items():
-        spec = load_spec(name, quick=quick)
+    for name, (n, m) in [*PRESETS.items(), ("phase-diagram-3x2-zoom", (3, 2))]:
+        spec = zoom_spec("cpu", quick) if name.endswith("zoom") else load_spec(name, quick=quick)
         g = phase.phase_grid(spec)
-        todo = {"preset": (g.importances, g.probabilities)} | ({} if quick else grids(n))
+        todo = {"preset": (g.importances, g.probabilities)}
+        if not (quick or name.endswith("zoom")):
+            todo |= grids(n)
         for grid_name, (imp, ps) in todo.items():
             for conv in T.CONVENTIONS:
                 start = time.perf_counter()
@@ -98,7 +127,7 @@ def analyse(out: Path) -> dict:
     """Agreement of every saved run with the analytic diagrams on its grid, and what the triangle does."""
     saved = np.load(out / "analytic.npz")
     report: dict = {}
-    for name, (n, m) in PRESETS.items():
+    for name, (n, m) in [*PRESETS.items(), ("phase-diagram-3x2-zoom", (3, 2))]:
         folder = out / name
         if not folder.exists():
             continue
@@ -131,7 +160,11 @@ def main() -> None:
     if args.analyse:
         print(json.dumps(analyse(args.out), indent=2))
         return
-    stages = [("train", train_stage, args.skip_train), ("analytic", analytic_stage, args.skip_analytic)]
+    stages = [
+        ("train", train_stage, args.skip_train),
+        ("zoom", zoom_stage, args.skip_train),
+        ("analytic", analytic_stage, args.skip_analytic),
+    ]
     for label, stage, skip in stages:
         if skip:
             continue
