@@ -310,8 +310,8 @@ def l1_computation(run: Run) -> Row:
     ok = abs(full - d) <= 2 and none >= len(nl) - d - 2
     return Row(
         f"features computed (error < 0.25) {n_comp}; ReLU part x'(1) + x'(−1) − 2x'(0) > 0.9 for {full} features, "
-        f"< 0.1 in size for {none}, in between for {between}; L/p {float(run.instances['loss'].iloc[0]) / 0.01:.4f} "
-        "(L1 loss)",
+        f"< 0.1 in size for {none}, in between for {between}; L1 loss / p "
+        f"{float(run.instances['loss'].iloc[0]) / float(_probs(run.spec)[0]):.4f}",
         f"computes exactly {d} features (one per neuron) and outputs 0 for the rest",
         f"{'yes' if ok else 'no'} ({d} ± 2 features with a full ReLU part, the rest none)",
     )
@@ -379,9 +379,9 @@ EXTRACTORS: dict[str, Callable[[Any], Row]] = {
 
 
 # -- running -------------------------------------------------------------------------------------------------------
-def train_preset(name: str, out: Path, quick: bool, threads: int) -> float:
+def train_preset(name: str, out: Path, quick: bool, threads: int, overrides: list[str], workers: int = 1) -> float:
     """Train one preset into ``out`` (replacing it); return the wall time in seconds."""
-    spec = load_spec(name, quick=quick)
+    spec = load_spec(name, overrides, quick=quick)
     start = time.perf_counter()
     if spec.sweep is not None:
         if out.exists():
@@ -389,15 +389,21 @@ def train_preset(name: str, out: Path, quick: bool, threads: int) -> float:
 
             shutil.rmtree(out)
         sw.prepare(spec, out)
-        sw.execute(out, workers=1, threads=threads)
+        sw.execute(out, workers=workers, threads=threads)
     else:
         run_experiment(spec, out, overwrite=True)
     return time.perf_counter() - start
 
 
 def load_result(name: str, out: Path) -> Any:
-    spec = load_spec(name)
-    return sw.load_sweep(out) if spec.sweep is not None else load_run(out)
+    return sw.load_sweep(out) if (out / "sweep.json").is_file() else load_run(out)
+
+
+def where(device: str, threads: int) -> str:
+    """Where a preset trained, for the wall-time column."""
+    if device == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(0)}"
+    return f"{threads} CPU thread{'s' if threads > 1 else ''}"
 
 
 def _duration(seconds: float) -> str:
@@ -445,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="use the [quick] settings; never writes RESULTS.md")
     parser.add_argument("--collect", action="store_true", help="only re-read finished runs (wall time from the log)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the wall-time column names it)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra section.field=value")
+    parser.add_argument("--machine", default="", help="a note on the machine, kept with the wall time")
+    parser.add_argument("--workers", type=int, default=1, help="parallel workers for presets with a [sweep]")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file whose table is rewritten")
     args = parser.parse_args(argv)
     names = args.presets or list(EXTRACTORS)
@@ -461,13 +471,22 @@ def main(argv: list[str] | None = None) -> int:
         log = out_root / f"{name}.wall.json"  # one file per preset: several reproduce processes may run at once
         if not args.collect:
             print(f"[{time.strftime('%H:%M:%S')}] training {name} -> {out}", flush=True)
-            seconds = train_preset(name, out, args.quick, args.threads)
-            record = {"seconds": seconds, "threads": args.threads, "finished": time.strftime("%Y-%m-%d %H:%M")}
+            overrides = [*args.overrides, f"device={json.dumps(args.device)}"]
+            seconds = train_preset(name, out, args.quick, args.threads, overrides, args.workers)
+            record = {
+                "seconds": seconds,
+                "where": where(args.device, args.threads),
+                "machine": args.machine,
+                "finished": time.strftime("%Y-%m-%d %H:%M"),
+            }
             tmp = log.with_suffix(".tmp")
             tmp.write_text(json.dumps(record))
             os.replace(tmp, log)
         row = EXTRACTORS[name](load_result(name, out))
-        wall = _duration(json.loads(log.read_text())["seconds"]) if log.is_file() else "?"
+        wall = "?"
+        if log.is_file():
+            record = json.loads(log.read_text())
+            wall = f"{_duration(record['seconds'])} ({record.get('where', '?')})"
         rows[name] = format_row(name, wall, row)
         print(f"{name}: {wall}\n  measured: {row.measured}\n  source:   {row.source}\n  verdict:  {row.verdict}")
     if not args.quick:
