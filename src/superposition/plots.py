@@ -805,7 +805,7 @@ def phase_diagram(
             )
     fig.update_xaxes(type="log" if log_x else "linear", title_text=x_title, **(_log_ticks(x) if log_x else {}))
     fig.update_yaxes(type="log" if log_y else "linear", title_text=y_title, **(_log_ticks(y) if log_y else {}))
-    return _finish(fig, title, height=600, width=900, legend=dict(orientation="h", y=-0.16))
+    return _finish(fig, title, height=620, width=900, legend=dict(orientation="h", y=-0.16), margin=dict(t=120))
 
 
 def _log_ticks(values: np.ndarray) -> dict[str, Any]:
@@ -1097,7 +1097,7 @@ def _phase_figure(run: Run, W: Any) -> go.Figure | None:
         x_title=f"relative importance I<sub>{n}</sub>/I<sub>1</sub> of the last feature (dimensionless, log scale)",
         title=(
             f"Phase diagram, {n} features in {m} dimension{'s' if m > 1 else ''}<br><sup>background: the "
-            "lowest-loss solution in closed form (paper conventions; features numbered from 1); dots: trained "
+            "lowest-loss solution in closed form (paper conventions; features numbered from 1)<br>dots: trained "
             "instances, coloured by the solution nearest to their W·Wᵀ</sup>"
         ),
     )
