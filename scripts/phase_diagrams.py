@@ -87,9 +87,10 @@ def zoom_stage(out: Path, device: str, quick: bool) -> None:
     )
 
 
-def analytic_stage(out: Path, device: str, quick: bool) -> None:
+def analytic_stage(out: Path, device: str, quick: bool, conventions=T.CONVENTIONS, steps: int = 200) -> None:
     if device == "cuda":
         torch.set_default_device("cuda")
+    target = out / ("analytic.npz" if tuple(conventions) == T.CONVENTIONS else f"analytic_{'_'.join(conventions)}.npz")
     data: dict[str, np.ndarray] = {}
     for name, (n, m) in [*PRESETS.items(), ("phase-diagram-3x2-zoom", (3, 2))]:
         spec = zoom_spec("cpu", quick) if name.endswith("zoom") else load_spec(name, quick=quick)
@@ -98,24 +99,26 @@ def analytic_stage(out: Path, device: str, quick: bool) -> None:
         if not (quick or name.endswith("zoom")):
             todo |= grids(n)
         for grid_name, (imp, ps) in todo.items():
-            for conv in T.CONVENTIONS:
+            for conv in conventions:
                 start = time.perf_counter()
                 try:
-                    d = T.analytic_phase_diagram(n, m, imp, ps, conv)
+                    d = T.analytic_phase_diagram(n, m, imp, ps, conv, free_steps=steps)
                 except Exception:  # e.g. a GPU problem: fall back to the CPU for the rest
                     log(out, f"analytic {name}/{grid_name}/{conv} failed on {device}:\n{traceback.format_exc()}")
                     torch.set_default_device("cpu")
                     device = "cpu"
-                    d = T.analytic_phase_diagram(n, m, imp, ps, conv)
+                    d = T.analytic_phase_diagram(n, m, imp, ps, conv, free_steps=steps)
                 key = f"{name}/{grid_name}/{conv}"
                 data[key + "/losses"] = d.losses
                 data[key + "/biases"] = d.biases
                 data[key + "/norms"] = d.norms
+                if d.weights is not None:
+                    data[key + "/weights"] = d.weights
                 data[f"{name}/{grid_name}/importances"] = d.importances
                 data[f"{name}/{grid_name}/probabilities"] = d.probabilities
                 data[f"{name}/names"] = np.array([c.name for c in d.candidates])
                 log(out, f"analytic {key}: {len(ps)}x{len(imp)} cells, {time.perf_counter() - start:.1f} s")
-                np.savez_compressed(out / "analytic.npz", **data)
+                np.savez_compressed(target, **data)
 
 
 def counts(values: np.ndarray) -> dict[str, int]:
@@ -155,6 +158,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-analytic", action="store_true")
     ap.add_argument("--analyse", action="store_true")
+    ap.add_argument("--conventions", default=",".join(T.CONVENTIONS), help="analytic conventions to compute")
+    ap.add_argument("--steps", type=int, default=200, help="Adam steps of the free and open conventions")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.analyse:
@@ -165,11 +170,15 @@ def main() -> None:
         ("zoom", zoom_stage, args.skip_train),
         ("analytic", analytic_stage, args.skip_analytic),
     ]
+    conventions = tuple(args.conventions.split(","))
     for label, stage, skip in stages:
         if skip:
             continue
         try:
-            stage(args.out, args.device, args.quick)
+            if stage is analytic_stage:
+                stage(args.out, args.device, args.quick, conventions, args.steps)
+            else:
+                stage(args.out, args.device, args.quick)
         except Exception:  # keep going: each stage's results are useful alone
             log(args.out, f"stage {label} failed:\n{traceback.format_exc()}")
 

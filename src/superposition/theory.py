@@ -600,11 +600,14 @@ def candidates(n: int, m: int, max_group: int | None = None, max_polygon: int = 
     return out
 
 
-CONVENTIONS = ("paper", "bias", "free")
+CONVENTIONS = ("paper", "bias", "free", "open")
 """How each candidate's free parameters are set: ``paper`` unit norms, b = 0 for represented features and the best
 constant E[x_i] for dropped ones; ``bias`` unit norms and the best bias per output (:func:`best_bias`); ``free`` norms
 of the represented features (kept ≥ NORM_FLOOR, so that the configuration stays in its class) and all biases
-optimised by Adam on the exact loss, from the ``bias`` solution. Directions stay those of the candidate."""
+optimised by Adam on the exact loss, from the ``bias`` solution. Directions stay those of the candidate; ``open``
+the whole W and b optimised by Adam from every candidate's ``bias`` solution, each optimum classified by its geometry
+(:func:`classify_geometry`), and a candidate's loss is the lowest among the optima that land in it (inf if none does):
+the local minima that gradient descent reaches, with deformed polygons (a triangle with unequal angles) allowed."""
 NORM_FLOOR = 0.5
 """Represented means ‖W_i‖ > 0.5 (as ``metrics.n_represented``)."""
 
@@ -642,6 +645,8 @@ class PhaseDiagram(NamedTuple):
     norms: np.ndarray
     """(R, P, K, n): feature norms used."""
     convention: str
+    weights: np.ndarray | None = None
+    """(R, P, K, m, n): the optimised W of each candidate's class (``open`` convention only)."""
 
     def winner_names(self) -> np.ndarray:
         return np.array([c.name for c in self.candidates], dtype=object)[self.winner]
@@ -687,8 +692,13 @@ def analytic_phase_diagram(
     b_full = b.unsqueeze(0).expand(R, P, K, n)
     table = relu_output_table(G, b, magnitude)  # (P, K, patterns, n)
     losses = expected_loss(table.unsqueeze(0), probs[None, :, None, :], imp[:, None, None, :])  # (R, P, K)
+    weights = None
     if convention == "free":
         losses, norms, b_full = _optimise_free(G, rep, b_full, probs, imp, magnitude, free_steps, free_lr, losses)
+    elif convention == "open":
+        losses, W_best, b_full = _optimise_open(Wc, b_full, probs, imp, magnitude, free_steps, free_lr, losses, cands)
+        norms = W_best.norm(dim=-2)
+        weights = W_best.detach().cpu().numpy()
     loss_np = losses.detach().cpu().numpy()
     order = np.sort(loss_np, axis=-1)
     gap = order[..., 1] - order[..., 0] if K > 1 else np.zeros(loss_np.shape[:-1])
@@ -702,6 +712,7 @@ def analytic_phase_diagram(
         biases=b_full.detach().cpu().numpy(),
         norms=norms.detach().cpu().numpy(),
         convention=convention,
+        weights=weights,
     )
 
 
@@ -731,3 +742,41 @@ def _optimise_free(G, rep, b, probs, imp, magnitude, steps, lr, start_losses):
         with torch.no_grad():  # a represented feature stays represented: the configuration keeps its class
             log_a.clamp_(min=math.log(NORM_FLOOR))
     return best_loss, best_a, best_b
+
+
+def _optimise_open(Wc, b, probs, imp, magnitude, steps, lr, start_losses, cands):
+    """Adam on the whole (W, b) of every (cell, candidate start) at once; the optima are then reclassified."""
+    R, P, K, n = b.shape
+    W = Wc.expand(R, P, *Wc.shape).clone().requires_grad_(True)
+    bias = b.clone().requires_grad_(True)
+    opt = torch.optim.Adam([W, bias], lr=lr)
+    best_loss = start_losses.clone()
+    best_W = W.detach().clone()
+    best_b = b.clone()
+    scale_imp = imp[:, None, None, :]
+    for _ in range(steps):
+        M = W.transpose(-1, -2) @ W
+        loss = expected_loss(relu_output_table(M, bias, magnitude), probs[None, :, None, :], scale_imp)
+        with torch.no_grad():
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_W = torch.where(better[..., None, None], W, best_W)
+            best_b = torch.where(better.unsqueeze(-1), bias, best_b)
+        opt.zero_grad()
+        (loss / start_losses.clamp_min(1e-30)).sum().backward()
+        opt.step()
+    # Which candidate did each optimum land in? Keep, per candidate, the best optimum that landed there.
+    everything = candidates(n, Wc.shape[-2])
+    landed = classify_geometry(best_W, everything)  # (R, P, K) index into everything
+    index = {c.name: k for k, c in enumerate(cands)}
+    to_cand = torch.tensor([index.get(c.name, -1) for c in everything], device=landed.device)[landed]
+    out_loss = torch.full_like(best_loss, math.inf)
+    out_W = torch.zeros_like(best_W)
+    out_b = torch.zeros_like(best_b)
+    for k in range(K):  # K is small: the loop is over candidates, never over cells
+        here = torch.where(to_cand == k, best_loss, torch.full_like(best_loss, math.inf))
+        j = here.argmin(dim=-1)  # (R, P) which start reached the best optimum in class k
+        out_loss[..., k] = here.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+        out_W[..., k, :, :] = best_W.gather(2, j[..., None, None, None].expand(R, P, 1, *best_W.shape[-2:])).squeeze(2)
+        out_b[..., k, :] = best_b.gather(2, j[..., None, None].expand(R, P, 1, n)).squeeze(2)
+    return out_loss, out_W, out_b
