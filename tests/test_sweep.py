@@ -30,7 +30,8 @@ def _raw(sweep: dict, **sections) -> dict:
         "name": "sw",
         "model": {"kind": "relu-output", "n_features": 4, "d_hidden": 2},
         "data": {"feature_probability": 0.2},
-        "train": {"steps": 30, "batch_size": 32, "log_every": 10, "eval_batch": 64},
+        # eager: no torch.compile machinery to import in every worker process (the engines have their own tests)
+        "train": {"steps": 30, "batch_size": 32, "log_every": 10, "eval_batch": 64, "engine": "eager"},
         "sweep": sweep,
     }
     for key, value in sections.items():
@@ -308,6 +309,7 @@ batch_size = 256
 log_every = 50
 checkpoint_every = 100
 eval_batch = 256
+engine = "eager"
 [sweep]
 repeats = 2
 [sweep.axes]

@@ -673,16 +673,26 @@ def _run_local(out: Path, groups: list[Group], workers: int, threads: int, done:
             done(run_group(out, g.id, threads))
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    ctx = mp.get_context("spawn")  # fork after torch has started threads is unsafe
-    jobs = [(str(out), g.id, threads) for g in groups]
-    with ctx.Pool(workers, initializer=_watch_parent, initargs=(os.getpid(),)) as pool:
-        for result in pool.imap_unordered(_star_task, jobs, chunksize=1):
-            done(GroupOutcome(*result))
-
-
-def _star_task(args: tuple[str, str, int]) -> tuple[str, str, str | None, float]:
-    return _task(*args)
+    # spawn: forking after torch has started its threads is unsafe. A worker that dies (out of memory) breaks the
+    # pool: its group and the ones not started are recorded as failed instead of hanging, and a rerun retries them.
+    pool = ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=_watch_parent, initargs=(os.getpid(),)
+    )
+    try:
+        futures = {pool.submit(_task, str(out), g.id, threads): g.id for g in groups}  # runs in submission order
+        for future in as_completed(futures):
+            try:
+                done(GroupOutcome(*future.result()))
+            except Exception as exc:
+                error = _one_line(exc)
+                _record_failure(out, futures[future], error)
+                done(GroupOutcome(futures[future], "failed", error, 0.0))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _run_ray(
