@@ -1173,7 +1173,7 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame) -> str:
         Section(
             "Plan",
             paragraphs=[
-                describe_plan(plan),
+                *describe_plan(plan).splitlines(),
                 "Status of the points: " + ", ".join(f"{k} {v}" for k, v in sorted(status.items())) + ".",
                 "Each point's loss is the per-instance final loss (mean over the features and over "
                 f"train.eval_batch fresh samples); loss_min/loss_mean are over its {plan.repeats} repeat(s), "
