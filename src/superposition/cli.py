@@ -112,6 +112,23 @@ def run_cmd(
             f"wrote {target}/ ({result.meta['engine']} engine, {result.meta['train_seconds']:.1f} s of training); "
             f"open {target / 'report.html'}"
         )
+@app.command("resume")
+def resume_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="The run folder an interrupted run was writing.")],
+    quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
+) -> None:
+    """Continue an interrupted run (its hidden .RUN.partial folder) from its last checkpoint, with its own spec."""
+    from superposition.runs import partial_spec
+    from superposition.runs import run as run_experiment
+
+    experiment = partial_spec(run_dir)
+    # An interrupted run next to an existing folder was started with --overwrite (nothing else creates one).
+    result = run_experiment(
+        experiment, run_dir, resume=True, overwrite=run_dir.exists(), progress=not quiet and sys.stderr.isatty()
+    )
+    if not quiet:
+        typer.echo(_summary(result))
+        typer.echo(f"wrote {run_dir}/; open {run_dir / 'report.html'}")
 
 
 @app.command("report")
@@ -298,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         args = ["--help"]
     try:
-        app(args=args, prog_name="superposition", standalone_mode=False)
-        return 0
+        code = app(args=args, prog_name="superposition", standalone_mode=False)
+        # Outside standalone mode typer returns the code of an Exit it caught: 130 for Ctrl-C (KeyboardInterrupt).
+        if code == 130:
+            _err("interrupted")
+        return code if isinstance(code, int) and not isinstance(code, bool) else 0
     except (SpecError, _Fail) as exc:
         code = getattr(exc, "code", 2)
         _err(str(exc))

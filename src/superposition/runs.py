@@ -8,25 +8,39 @@ the resumable checkpoints) and renamed into place at the end, so a crash never l
 from __future__ import annotations
 
 import json
+import math
 import os
+import platform
 import shutil
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from superposition import __version__
 from superposition.metrics import instance_metrics
 from superposition.models import ToyModel, build_model
-from superposition.spec import Experiment, SpecError, format_validation_error
-from superposition.train import TrainState, evaluate, history_frame, train_model
+from superposition.spec import Experiment, SpecError, check_memory, format_validation_error, memory_estimate
+from superposition.train import TrainingDiverged, TrainState, evaluate, history_frame, train_model
 
-__all__ = ["Run", "train", "run", "save_run", "load_run", "RunFormatError", "partial_dir"]
+__all__ = [
+    "Run",
+    "train",
+    "run",
+    "save_run",
+    "load_run",
+    "RunFormatError",
+    "partial_dir",
+    "partial_spec",
+    "read_safetensors_header",
+]
 
 CONFIG, WEIGHTS, HISTORY, INSTANCES, REPORT = (
     "config.json",
@@ -36,6 +50,7 @@ CONFIG, WEIGHTS, HISTORY, INSTANCES, REPORT = (
     "report.html",
 )
 CHECKPOINT = "checkpoint.safetensors"
+SPEC_MARKER = "spec.json"  # in .NAME.partial: the spec being trained (what resume continues)
 
 
 class RunFormatError(SpecError):
@@ -76,14 +91,30 @@ def instance_table(state: TrainState, final_loss: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()[:200]
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def _meta(state: TrainState, seconds: float) -> dict[str, Any]:
+    # Enough to explain why two runs of one spec differ: versions, device, engine, machine.
+    device = state.alive.device
     return {
         "superposition_version": __version__,
         "torch_version": torch.__version__,
-        "device": str(state.alive.device),
+        "device": str(device),
         "engine": state.engine,
         "n_instances": state.spec.n_instances,
         "train_seconds": round(seconds, 3),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "python_version": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
     }
 
 
@@ -100,6 +131,7 @@ def _finish(state: TrainState, seconds: float) -> Run:
 
 def train(spec: Experiment, *, progress: bool = False) -> Run:
     """Train an experiment in memory and return the Run (nothing is written)."""
+    check_memory(spec)
     state = TrainState.create(spec)
     return _finish(state, train_model(state, progress=progress).seconds)
 
@@ -111,6 +143,20 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+def _fsync_dir(folder: Path) -> None:
+    # A rename is durable only once its folder is flushed (matters for power loss, not for a killed process).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -118,6 +164,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -126,6 +173,7 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _config_json(spec: Experiment, meta: dict[str, Any]) -> str:
@@ -133,34 +181,42 @@ def _config_json(spec: Experiment, meta: dict[str, Any]) -> str:
 
 
 def _write_run_files(folder: Path, run: Run) -> None:
+    """Write every run file atomically; config.json comes last and marks the folder complete."""
     from superposition.report import render_run
 
-    _atomic_write_bytes(folder / CONFIG, _config_json(run.spec, run.meta).encode())
     tensors = {k: v.detach().contiguous().cpu() for k, v in run.model.state_dict().items()}
     _atomic_save_tensors(folder / WEIGHTS, tensors, {"format": "superposition-run"})
     for name, frame in ((HISTORY, run.history), (INSTANCES, run.instances)):
         tmp = folder / (name + ".tmp")
         frame.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, folder / name)
     page = render_run(run)
     _atomic_write_bytes(folder / REPORT, page.encode("utf-8"))
+    _atomic_write_bytes(folder / CONFIG, _config_json(run.spec, run.meta).encode())
 
 
 def _publish(partial: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished partial folder into place (replacing ``out`` only when asked)."""
-    for leftover in partial.glob(CHECKPOINT + "*"):
-        leftover.unlink()
+    """Rename the finished partial folder into place (replacing ``out`` only when asked).
+
+    Checkpoints, the spec.json marker and temporary files are removed first, so the published folder holds exactly
+    the run files. Between the two renames of an overwrite ``out`` is briefly absent, never half-written; the
+    replaced run waits in ``.NAME.old`` until the new one is in place.
+    """
+    for leftover in [*partial.glob("*.tmp"), *partial.glob(CHECKPOINT + "*"), partial / SPEC_MARKER]:
+        leftover.unlink(missing_ok=True)
+    old = out.parent / f".{out.name}.old"
     if out.exists():
         if not overwrite:
             raise SpecError(f"{out}: already exists (pass --overwrite to replace it)")
-        old = out.parent / f".{out.name}.old"
         if old.exists():
             shutil.rmtree(old)
         os.replace(out, old)
-        os.replace(partial, out)
+    os.replace(partial, out)
+    _fsync_dir(out.parent)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        os.replace(partial, out)
 
 
 def save_run(run: Run, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -182,6 +238,55 @@ def _save_checkpoint(folder: Path, state: TrainState) -> None:
     _atomic_save_tensors(folder / CHECKPOINT, state.tensors(), {"step": str(state.step)})
 
 
+def _spec_text(spec: Experiment) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+
+
+def _checkpoint_step(partial: Path) -> int | None:
+    """The step of the checkpoint in a partial folder (None when there is none)."""
+    ckpt = partial / CHECKPOINT
+    if not ckpt.is_file():
+        return None
+    header = read_safetensors_header(ckpt)
+    try:
+        return int(header.metadata["step"])
+    except (KeyError, ValueError):
+        raise RunFormatError(f"{ckpt}: the checkpoint has no step") from None
+
+
+def _fresh_partial(partial: Path, spec_text: str) -> None:
+    """An empty ``.NAME.partial`` holding only spec.json; staged and renamed, so it never exists without it."""
+    staging = partial.with_name(partial.name + ".new")
+    for stale in (partial, staging):
+        if stale.exists():
+            shutil.rmtree(stale)
+    staging.mkdir(parents=True)
+    _atomic_write_bytes(staging / SPEC_MARKER, spec_text.encode())
+    os.replace(staging, partial)
+
+
+def partial_spec(out: str | Path) -> Experiment:
+    """The spec an interrupted run in ``.NAME.partial`` was started with (what ``superposition resume`` continues)."""
+    out = Path(out)
+    partial = partial_dir(out)
+    if not partial.is_dir():
+        if (out / CONFIG).is_file():
+            raise SpecError(f"{out}: the run is complete; nothing to resume")
+        raise SpecError(f"{out}: no interrupted run here (no {partial.name} folder)")
+    for name in (CONFIG, SPEC_MARKER):  # a complete partial (killed while publishing) holds its spec in config.json
+        f = partial / name
+        if f.is_file():
+            raw = _read_json(partial, name, MAX_CONFIG_BYTES)
+            raw = raw.get("spec") if name == CONFIG and isinstance(raw, dict) else raw
+            if not isinstance(raw, dict):
+                raise RunFormatError(f"{f}: no spec table")
+            try:
+                return Experiment.model_validate(raw)
+            except ValidationError as exc:
+                raise RunFormatError(f"{f}: invalid spec: {format_validation_error(exc)}") from None
+    raise SpecError(f"{out}: the interrupted run has no spec.json (it was killed before it started); run it again")
+
+
 def run(
     spec: Experiment,
     out: str | Path,
@@ -190,75 +295,267 @@ def run(
     resume: bool = False,
     progress: bool = False,
 ) -> Run:
-    """Train and save a run folder at ``out``; with ``resume`` continue from the last checkpoint if one exists."""
+    """Train and save a run folder at ``out``; with ``resume`` continue an interrupted run from its last checkpoint.
+
+    Without ``resume`` an interrupted run of ``out`` (a ``.NAME.partial`` with a checkpoint) is kept and the call
+    refused, unless ``overwrite`` asks to start over. A run that diverges (on_divergence = "stop") leaves nothing.
+    """
     out = Path(out)
+    check_memory(spec)
     if out.exists() and not overwrite:
         raise SpecError(f"{out}: already exists (pass --overwrite to replace it)")
     partial = partial_dir(out)
-    state = TrainState.create(spec)
-    spec_text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    ckpt = partial / CHECKPOINT
-    if resume and ckpt.is_file() and (partial / "spec.json").is_file():
-        if (partial / "spec.json").read_text() != spec_text:
+    spec_text = _spec_text(spec)
+    if resume and (partial / CONFIG).is_file():
+        # Killed while publishing: the partial folder is a complete run; finish the rename.
+        if _spec_text(partial_spec(out)) != spec_text:
             raise SpecError(f"{out}: the interrupted run was started with a different spec; cannot resume")
-        with safe_open(str(ckpt), "pt") as f:
-            step = int((f.metadata() or {})["step"])
-        state.load_tensors_(load_file(str(ckpt)), step)
+        _publish(partial, out, overwrite)
+        return load_run(out)
+    state = TrainState.create(spec)
+    step = None
+    if partial.is_dir() and (partial / SPEC_MARKER).is_file():
+        same = (partial / SPEC_MARKER).read_text(encoding="utf-8", errors="replace") == spec_text
+        step = _checkpoint_step(partial)
+        if resume and not same:
+            raise SpecError(f"{out}: the interrupted run was started with a different spec; cannot resume")
+        if not resume and step is not None and not overwrite:
+            raise SpecError(
+                f"{out}: an interrupted run of it is in {partial} (checkpoint at step {step}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+    if resume and step is not None:
+        tensors = _read_checkpoint(partial / CHECKPOINT, state.tensors())
+        state.load_tensors_(tensors, step)
     else:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-        _atomic_write_bytes(partial / "spec.json", spec_text.encode())
-    trained = train_model(state, progress=progress, checkpoint=lambda s: _save_checkpoint(partial, s))
+        _fresh_partial(partial, spec_text)
+    try:
+        trained = train_model(state, progress=progress, checkpoint=lambda s: _save_checkpoint(partial, s))
+    except TrainingDiverged:
+        shutil.rmtree(partial, ignore_errors=True)  # resuming would diverge again at the same step
+        raise
     result = _finish(state, trained.seconds)
     _write_run_files(partial, result)
-    (partial / "spec.json").unlink()
     _publish(partial, out, overwrite)
     result.path = out
     return result
 
 
 # -- loading --------------------------------------------------------------------------------------------------------
-def load_run(path: str | Path) -> Run:
-    """Rebuild a run from its folder: validate config.json, build the model, check and load the tensors."""
-    from pydantic import ValidationError
+MAX_CONFIG_BYTES = 16 * 2**20
+"""Largest config.json / spec.json read (a resolved spec is a few kB)."""
+MAX_HEADER_BYTES = 16 * 2**20
+"""Largest safetensors header read (a run's header is well under 1 kB per tensor)."""
+MAX_TABLE_BYTES = 4 * 2**30
+"""Largest parquet table read."""
 
+_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_TORCH_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.int64: "I64", torch.float64: "F64",
+}  # fmt: skip
+
+
+class TensorInfo(NamedTuple):
+    """One tensor entry of a safetensors header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class SafetensorsHeader(NamedTuple):
+    """The parsed, bounds-checked header of a safetensors file."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def _checked_file(folder: Path, name: str, limit: int | None = None) -> Path:
+    """``folder/name`` if it is a regular file inside ``folder`` (symlinks must stay inside) of at most ``limit``."""
+    f = folder / name
+    if not f.exists() and not f.is_symlink():
+        raise RunFormatError(f"{folder}: not a run folder ({name} is missing)")
+    try:
+        real, root = f.resolve(strict=True), folder.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise RunFormatError(f"{f}: a broken or looping link") from None
+    if not real.is_relative_to(root):
+        raise RunFormatError(f"{f}: a link leading outside the run folder (to {real}); refusing to read it")
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise RunFormatError(f"{f}: not a regular file")
+    if limit is not None and st.st_size > limit:
+        raise RunFormatError(f"{f}: {st.st_size:,} bytes, more than the {limit:,} allowed")
+    return real
+
+
+def _read_json(folder: Path, name: str, limit: int) -> Any:
+    f = _checked_file(folder, name, limit)
+    try:
+        return json.loads(f.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RunFormatError(f"{folder / name}: not valid JSON ({exc.__class__.__name__})") from None
+
+
+def read_safetensors_header(path: str | Path, limit: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """Read and check a safetensors header without loading any tensor data.
+
+    Refuses a declared header size above ``limit`` or beyond the file, a header that is not a JSON table of
+    {dtype, shape, data_offsets}, and tensors whose bytes do not lie inside the file or disagree with their shape.
+    """
+    path = Path(path)
+    bad = f"{path}: not a valid safetensors file"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(8)
+        if len(first) < 8:
+            raise RunFormatError(f"{bad} ({size} bytes)")
+        n = int.from_bytes(first, "little")
+        if n > limit:
+            raise RunFormatError(f"{bad} (declares a {n:,}-byte header; at most {limit:,} allowed)")
+        if 8 + n > size:
+            raise RunFormatError(f"{bad} (declares a {n:,}-byte header in a {size:,}-byte file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise RunFormatError(f"{bad} (the header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise RunFormatError(f"{bad} (the header is not a table)")
+    data_size = size - 8 - n
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RunFormatError(f"{bad} (bad __metadata__)")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (
+                dtype in _DTYPE_SIZES
+                and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(start) is int
+                and type(end) is int
+                and 0 <= start <= end <= data_size
+                and end - start == math.prod(shape) * _DTYPE_SIZES[dtype]
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise RunFormatError(f"{bad} (tensor {name!r}: bad dtype, shape or offsets)")
+        tensors[name] = TensorInfo(dtype, tuple(shape), start, end)
+    return SafetensorsHeader(tensors, metadata)
+
+
+def _check_tensors(path: Path, header: SafetensorsHeader, expected: dict[str, torch.Tensor]) -> None:
+    """Names, shapes and dtypes of a header against the tensors the config implies."""
+    if set(header.tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(header.tensors)), sorted(set(header.tensors) - set(expected))
+        raise RunFormatError(f"{path}: tensors do not match the config (missing {missing}, unexpected {extra})")
+    for k, info in header.tensors.items():
+        want = expected[k]
+        if info.shape != tuple(want.shape) or info.dtype != _TORCH_DTYPES.get(want.dtype):
+            raise RunFormatError(
+                f"{path}: {k} is {info.dtype} {list(info.shape)}, the config needs "
+                f"{_TORCH_DTYPES.get(want.dtype)} {list(want.shape)}"
+            )
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise RunFormatError(f"{path}: not a valid safetensors file ({exc.__class__.__name__})") from None
+
+
+def _read_checkpoint(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, checked against the state it must restore (names, shapes, dtypes)."""
+    header = read_safetensors_header(path)
+    # History grows with the step: only the instance dimension of its loss table is fixed.
+    fixed = {k: v for k, v in expected.items() if not k.startswith("history.")}
+    _check_tensors(path, header._replace(tensors={k: header.tensors[k] for k in header.tensors if k in fixed}), fixed)
+    return _load_tensors(path)
+
+
+class RunMeta(BaseModel):
+    """The top level of config.json besides the spec: versions and where and how the run was trained."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    superposition_version: str = Field(max_length=100)
+    torch_version: str = Field(max_length=100)
+    device: str = Field(max_length=100)
+    engine: str = Field(max_length=100)
+    n_instances: int = Field(ge=1)
+    train_seconds: float = Field(ge=0, allow_inf_nan=False)
+    device_name: str = Field("", max_length=200)
+    python_version: str = Field("", max_length=100)
+    platform: str = Field("", max_length=200)
+
+
+def load_run(path: str | Path) -> Run:
+    """Rebuild a run from its folder, trusting nothing in it.
+
+    Reads JSON, safetensors and parquet only; validates config.json against the schema; refuses links leading out of
+    the folder, non-regular files and absurd sizes; checks every tensor's name, shape and dtype against the config
+    (from the safetensors header, before any tensor data is read or the model built); one RunFormatError otherwise.
+    """
     path = Path(path)
     if not path.is_dir():
         raise RunFormatError(f"{path}: no such run folder")
-    for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES):
-        f = path / name
-        if not f.is_file():
-            raise RunFormatError(f"{path}: not a run folder ({name} is missing)")
-    try:
-        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunFormatError(f"{path / CONFIG}: not valid JSON ({exc})") from None
+    config = _read_json(path, CONFIG, MAX_CONFIG_BYTES)
     if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
         raise RunFormatError(f"{path / CONFIG}: no 'spec' table")
     try:
         spec = Experiment.model_validate(config["spec"])
     except ValidationError as exc:
         raise RunFormatError(f"{path / CONFIG}: invalid spec: {format_validation_error(exc)}") from None
-    meta = {k: v for k, v in config.items() if k != "spec"}
+    try:
+        meta = RunMeta.model_validate({k: v for k, v in config.items() if k != "spec"})
+    except ValidationError as exc:
+        raise RunFormatError(f"{path / CONFIG}: {format_validation_error(exc)}") from None
+    if meta.n_instances != spec.n_instances:
+        raise RunFormatError(f"{path / CONFIG}: n_instances is {meta.n_instances}, the spec has {spec.n_instances}")
+    weights = _checked_file(path, WEIGHTS)
+    header = read_safetensors_header(weights)
+    # The config's shapes must fit in the weights file before the model is built (its size bounds the allocation).
+    data_bytes = weights.stat().st_size
+    needed = memory_estimate(spec).parameters // 2
+    if needed > 2 * data_bytes + 2**20:
+        raise RunFormatError(
+            f"{path / CONFIG}: describes a model of about {needed:,} bytes but {WEIGHTS} holds {data_bytes:,}"
+        )
+    with torch.device("meta"):
+        expected = build_model(spec, "meta").state_dict()
+    _check_tensors(path / WEIGHTS, header, expected)
     model = build_model(spec, "cpu")
-    expected = {k: v for k, v in model.state_dict().items()}
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise RunFormatError(f"{path / WEIGHTS}: not a valid safetensors file ({exc.__class__.__name__})") from None
-    if set(tensors) != set(expected):
-        raise RunFormatError(f"{path / WEIGHTS}: tensors {sorted(tensors)} do not match the config {sorted(expected)}")
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
-            raise RunFormatError(
-                f"{path / WEIGHTS}: {k} has shape {tuple(v.shape)} {v.dtype}, "
-                f"config needs {tuple(expected[k].shape)} {expected[k].dtype}"
-            )
-    model.load_state_dict(tensors, strict=True)
-    try:
-        history = pd.read_parquet(path / HISTORY)
-        instances = pd.read_parquet(path / INSTANCES)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise RunFormatError(f"{path}: a table is damaged ({exc.__class__.__name__})") from None
-    return Run(spec=spec, model=model, history=history, instances=instances, meta=meta, path=path)
+    model.load_state_dict(_load_tensors(weights), strict=True)
+    tables = []
+    for name, columns in ((HISTORY, ("step", "instance", "loss")), (INSTANCES, ("instance", "loss", "diverged"))):
+        f = _checked_file(path, name, MAX_TABLE_BYTES)
+        try:
+            frame = pd.read_parquet(f)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise RunFormatError(f"{path / name}: not a valid parquet table ({exc.__class__.__name__})") from None
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise RunFormatError(f"{path / name}: columns {missing} are missing")
+        tables.append(frame)
+    history, instances = tables
+    if len(instances) != spec.n_instances:
+        raise RunFormatError(f"{path / INSTANCES}: {len(instances)} rows for {spec.n_instances} instances")
+    return Run(
+        spec=spec,
+        model=model,
+        history=history,
+        instances=instances,
+        meta=meta.model_dump(exclude_defaults=False),
+        path=path,
+    )

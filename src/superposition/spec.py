@@ -9,9 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,11 +36,15 @@ __all__ = [
     "preset_text",
     "preset_description",
     "format_validation_error",
+    "MemoryEstimate",
+    "memory_estimate",
+    "check_memory",
 ]
 
 # Guard rails against sizes that cannot be meant (the reliability issue refines them with a memory estimate).
 MAX_DIM = 1_000_000
 MAX_STEPS = 100_000_000
+MAX_INSTANCES = 1_000_000
 
 
 class SpecError(ValueError):
@@ -47,7 +52,8 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # strict: a typo such as `seed = true` or `d_hidden = 2.5` is refused instead of silently coerced.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
 Activation = Literal["relu", "gelu", "none"]
@@ -526,8 +532,12 @@ class Experiment(_Section):
             raise ValueError(f"task.target: the linear model can only learn 'identity' (got {t.target!r})")
         if t.target == "relu-plus-x" and m.kind != "residual-mlp":
             pass  # allowed, if unusual: a ReLU output cannot produce the negative part of k x
-        # Validate every instance's settings with the same rules as the scalar fields.
-        for point in self.grid():
+        if self.n_instances > MAX_INSTANCES:
+            raise ValueError(f"instances: the grid has {self.n_instances:,} instances (at most {MAX_INSTANCES:,})")
+        # Validate every instance's settings with the same rules as the scalar fields. Each rule involves one axis,
+        # so checking each axis value once is equivalent to checking every grid point, and linear in the axes.
+        singles = [{key: v} for key, values in self.instances.axes.items() for v in values]
+        for point in singles or [{}]:
             if point:
                 self._with_point(point)
             if na and point.get("data.feature_probability", d.feature_probability) > 0.5:
@@ -569,8 +579,11 @@ class Experiment(_Section):
 
     @property
     def n_instances(self) -> int:
-        """Number of model instances trained side by side."""
-        return len(self.grid())
+        """Number of model instances trained side by side (counted without building the grid)."""
+        lengths = [len(v) for v in self.instances.axes.values()]
+        if not lengths:
+            return 1
+        return min(lengths) if self.instances.combine == "zip" else math.prod(lengths)
 
     def _with_point(self, point: dict[str, Any]) -> Experiment:
         """This experiment with one instance's axis values filled in (and no instance axes)."""
@@ -615,12 +628,19 @@ def _get_dotted(raw: dict[str, Any], key: str) -> Any:
     return node
 
 
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the branch of a union (or a validator) in the error location; users know only field names.
+    if not isinstance(part, str):
+        return False
+    return part in ("float", "int", "str", "bool", "none") or part.startswith(
+        ("function-", "list[", "literal[", "dict[", "tagged-union[", "is-instance[", "union[")
+    )
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line naming the first bad field, what is wrong, and what was given."""
     err = exc.errors()[0]
-    loc = ".".join(
-        str(x) for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "list[", "literal[")))
-    )
+    loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -748,7 +768,90 @@ def load_spec(source: str | Path | dict[str, Any], overrides: list[str] = (), qu
         q.setdefault("train.steps", min(int(_get_or(raw, "train.steps", 5000)), 300))
         raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in q.items()])
     raw = apply_overrides(raw, list(overrides))
-    return parse_spec(raw)
+    spec = parse_spec(raw)
+    check_memory(spec)
+    return spec
+
+
+# -- memory estimate -----------------------------------------------------------------------------------------------
+class MemoryEstimate(NamedTuple):
+    """Estimated peak bytes of training an experiment, by part."""
+
+    parameters: int
+    """Parameters and their gradients (and fixed buffers such as W_E)."""
+    optimizer: int
+    """The two Adam moments."""
+    activations: int
+    """One step's batch, targets and activations kept for the backward pass."""
+    dataset: int
+    """A fixed training set (data.dataset_size)."""
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.optimizer + self.activations + self.dataset
+
+
+def memory_estimate(spec: Experiment) -> MemoryEstimate:
+    """Peak training memory of an experiment from its shapes alone (counted, not allocated)."""
+    m, inst = spec.model, spec.n_instances
+    n, h, b = m.n_features, m.d_hidden, spec.train.batch_size
+    if m.kind == "residual-mlp":
+        e, layers = int(m.d_embed or n), m.n_layers
+        params = layers * (2 * h * e + (h if m.bias_hidden else 0) + (e if m.bias_out else 0))
+        buffers = n * e
+        act = b * (4 * n + (2 + 2 * layers) * e + 3 * layers * h)
+    else:
+        params = h * n * (1 if m.tied else 2) + (n if m.bias_out else 0) + (h if m.bias_hidden else 0)
+        buffers = 0
+        act = b * (6 * n + 3 * h)
+    size = 2 if spec.dtype == "bfloat16" else 4
+    return MemoryEstimate(
+        parameters=size * inst * (2 * params + buffers),
+        optimizer=size * inst * 2 * params,
+        activations=size * inst * act,
+        dataset=size * inst * n * (spec.data.dataset_size or 0),
+    )
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+MEMORY_FRACTION = 0.8
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"  # pragma: no cover
+
+
+def check_memory(spec: Experiment, limit: int | None = None) -> MemoryEstimate:
+    """Refuse (SpecError) an experiment whose estimated training memory exceeds ``limit`` bytes.
+
+    The default limit is MEMORY_FRACTION of this machine's physical memory, so a size that cannot fit is caught
+    before anything is allocated or written.
+    """
+    est = memory_estimate(spec)
+    if limit is None:
+        ram = physical_memory()
+        if ram is None:
+            return est
+        limit = int(ram * MEMORY_FRACTION)
+    if est.total > limit:
+        raise SpecError(
+            f"too large: training needs about {_fmt_bytes(est.total)} of memory (parameters and gradients "
+            f"{_fmt_bytes(est.parameters)}, Adam {_fmt_bytes(est.optimizer)}, activations "
+            f"{_fmt_bytes(est.activations)}, dataset {_fmt_bytes(est.dataset)}) but the limit here is "
+            f"{_fmt_bytes(limit)}; reduce model sizes, train.batch_size or the number of instances"
+        )
+    return est
 
 
 def _get_or(raw: dict[str, Any], key: str, default: Any) -> Any:
