@@ -235,3 +235,32 @@ def test_report_renders_offline_in_chromium_and_runs_nothing_hostile(hostile_run
     assert dialogs == [] and errors == []
     assert blocked == []
     assert requests and all(u.startswith("file://") for u in requests)
+
+
+def test_asymmetric_motifs_are_listed():
+    import torch
+
+    from superposition.runs import train
+
+    spec = parse_spec(
+        {
+            "name": "motif",
+            "model": {"kind": "mlp", "n_features": 3, "d_hidden": 3},
+            "data": {"magnitude": "signed"},
+            "task": {"target": "abs"},
+            "train": {"steps": 2, "batch_size": 16, "log_every": 1, "eval_batch": 64},
+        }
+    )
+    result = train(spec)
+    W1 = torch.zeros(1, 3, 3)
+    W2 = torch.zeros(1, 3, 3)
+    W1[0, 0, 0], W1[0, 0, 1], W2[0, 0, 0], W2[0, 1, 0] = 1.0, 0.3, 0.3, 1.0  # neuron 0: big in for 0, big out for 1
+    W1[0, 2, 0], W2[0, 1, 2] = 1.0, -1.0  # neuron 2 fires with feature 0 and cancels output 1
+    with torch.no_grad():
+        result.model.W1.copy_(W1)
+        result.model.W2.copy_(W2)
+    page = render_run(result)
+    assert ">Asymmetric superposition motifs</h2>" in page
+    table = page.split(">Asymmetric superposition motifs</h2>")[1].split("</table>")[0]
+    cells = re.findall(r"<td>([^<]*)</td>", table)
+    assert cells == ["0", "0", "0", "1", "2"]  # instance, neuron, feature i, feature j, cancelling neuron

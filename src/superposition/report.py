@@ -242,6 +242,34 @@ def _feature_table(run: Run) -> pd.DataFrame | None:
     return pd.DataFrame(cols)
 
 
+MAX_MOTIF_ROWS = 200
+"""At most this many asymmetric-superposition motifs are listed."""
+
+
+def _motif_table(run: Run) -> pd.DataFrame | None:
+    """Seed 000's asymmetric superposition motifs of an untied neuron/mlp run (None when the model has none)."""
+    import torch
+
+    from superposition import metrics
+
+    model = run.model
+    if model.kind not in ("neuron", "mlp") or model.tied:
+        return None
+    with torch.no_grad():
+        found = metrics.asymmetric_motifs(model.W1.detach().float().cpu(), model.W2.detach().float().cpu())
+    rows = [
+        {
+            "instance": m.instance,
+            "neuron": m.neuron,
+            "feature (large W1)": m.features[0],
+            "feature (large W2)": m.features[1],
+            "cancelling neuron": "none" if m.cancelling_neuron is None else str(m.cancelling_neuron),
+        }
+        for m in found[:MAX_MOTIF_ROWS]
+    ]
+    return pd.DataFrame(rows) if rows else None
+
+
 def run_sections(run: Run) -> list[Section]:
     """The sections of a run's report (exposed so sweep reports can reuse pieces)."""
     from superposition.plots import FIGURES, figures_for_run
@@ -275,6 +303,20 @@ def run_sections(run: Run) -> list[Section]:
                     "for represented features (norm > 0.5)."
                 ],
                 tables=[features],
+            )
+        )
+    motifs = _motif_table(run)
+    if motifs is not None:
+        sections.append(
+            Section(
+                "Asymmetric superposition motifs",
+                paragraphs=[
+                    "Neurons that carry two features with swapped magnitudes (seed 000): a large input weight "
+                    "W1[n, i] with a small output weight, and the reverse for feature j; the cancelling neuron fires "
+                    "with feature i and writes negatively to output j, removing the interference."
+                    + (f" The first {MAX_MOTIF_ROWS} are listed." if len(motifs) >= MAX_MOTIF_ROWS else "")
+                ],
+                tables=[motifs],
             )
         )
     sections.append(Section("Spec", preformatted=spec.to_json()))
