@@ -128,7 +128,7 @@ def counts(values: np.ndarray) -> dict[str, int]:
 
 def analyse(out: Path) -> dict:
     """Agreement of every saved run with the analytic diagrams on its grid, and what the triangle does."""
-    saved = np.load(out / "analytic.npz")
+    saved = stored(out)
     report: dict = {}
     for name, (n, m) in [*PRESETS.items(), ("phase-diagram-3x2-zoom", (3, 2))]:
         folder = out / name
@@ -136,18 +136,90 @@ def analyse(out: Path) -> dict:
             continue
         emp = phase.empirical_diagram(load_run(folder))
         g = emp.grid
-        entry: dict = {"cells": int(emp.winner.size), "instances": int(len(emp.instance_class))}
-        for conv in T.CONVENTIONS:
-            ana = T.analytic_phase_diagram(n, m, g.importances, g.probabilities, conv)
-            key = f"{name}/preset/{conv}/losses"
-            if key in saved:  # the stored (possibly GPU-computed) losses
-                ana = ana._replace(losses=saved[key], winner=saved[key].argmin(-1))
-            entry[f"agreement_{conv}"] = float(phase.agreement(emp, ana).mean())
         cls_names = np.array([c.name for c in emp.candidates])
+        entry: dict = {"cells": int(emp.winner.size), "instances": int(len(emp.instance_class))}
         entry["winners"] = counts(cls_names[emp.winner])
         entry["instances_by_class"] = counts(cls_names[emp.instance_class])
+        for conv in T.CONVENTIONS:
+            if f"{name}/preset/{conv}/losses" in saved:  # stored (possibly GPU-computed)
+                ana = load_diagram(saved, name, "preset", conv, n, m, g.importances, g.probabilities)
+            elif conv in ("paper", "bias"):
+                ana = T.analytic_phase_diagram(n, m, g.importances, g.probabilities, conv)
+            else:
+                continue
+            agree = phase.agreement(emp, ana)
+            best = ana.losses.min(-1) / n
+            row = {"agreement": round(float(agree.mean()), 4)}
+            row["trained_over_analytic_best"] = [
+                round(float(q), 4) for q in np.quantile(emp.exact_loss / best, [0, 0.5, 1])
+            ]
+            if n == 3:
+                tri_a = [c.name for c in ana.candidates].index("triangle(1,2,3)")
+                tri_e = list(cls_names).index("triangle(1,2,3)")
+                wins = ana.winner == tri_a
+                share = np.zeros(wins.shape)
+                np.add.at(share, (g.row, g.col), emp.instance_class == tri_e)
+                share /= np.bincount(g.row * len(g.probabilities) + g.col, minlength=wins.size).reshape(wins.shape)
+                row["triangle_cells"] = int(wins.sum())
+                row["triangle_cells_best_seed_triangle"] = int((emp.winner[wins] == tri_e).sum())
+                row["triangle_cells_seed_share"] = round(float(share[wins].mean()), 3) if wins.any() else None
+            entry[conv] = row
         report[name] = entry
     return report
+
+
+def stored(out: Path) -> dict[str, np.ndarray]:
+    """Every analytic array saved under ``out`` (analytic*.npz), by key."""
+    data: dict[str, np.ndarray] = {}
+    for f in sorted(out.glob("analytic*.npz")):
+        data.update(dict(np.load(f)))
+    return data
+
+
+def load_diagram(data: dict[str, np.ndarray], name: str, grid: str, conv: str, n: int, m: int, imp, ps):
+    """A theory.PhaseDiagram rebuilt from stored arrays (candidates: the maximal ones of n features in m dims)."""
+    losses = data[f"{name}/{grid}/{conv}/losses"]
+    order = np.sort(losses, axis=-1)
+    return T.PhaseDiagram(
+        candidates=T.candidates(n, m, maximal=True),
+        importances=np.asarray(imp),
+        probabilities=np.asarray(ps),
+        losses=losses,
+        winner=losses.argmin(-1),
+        gap=order[..., 1] - order[..., 0],
+        biases=data[f"{name}/{grid}/{conv}/biases"],
+        norms=data[f"{name}/{grid}/{conv}/norms"],
+        convention=conv,
+        weights=data.get(f"{name}/{grid}/{conv}/weights"),
+    )
+
+
+def figures(out: Path, dest: Path) -> None:
+    """The figures of docs/phase-changes.md as PNG (offline, kaleido + local Chromium) into ``dest``."""
+    from superposition import plots
+    from superposition.report import figure_image
+
+    data = stored(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for name, (n, m), conv in [
+        ("phase-diagram", (2, 1), "free"),
+        ("phase-diagram-3x2", (3, 2), "free"),
+        ("phase-diagram-3x2-zoom", (3, 2), "open"),
+    ]:
+        emp = phase.empirical_diagram(load_run(out / name))
+        g = emp.grid
+        conv = conv if f"{name}/preset/{conv}/losses" in data else "free"
+        ana = load_diagram(data, name, "preset", conv, n, m, g.importances, g.probabilities)
+        todo.append((f"{name}.png", plots.phase_comparison(ana, emp)))
+    for name, (n, m) in PRESETS.items():
+        imp = data[f"{name}/fine/importances"]
+        ps = data[f"{name}/fine/probabilities"]
+        ana = load_diagram(data, name, "fine", "paper" if n == 2 else "free", n, m, imp, ps)
+        todo.append((f"{name}-gap.png", plots.phase_gap(ana)))
+    for file, fig in todo:
+        (dest / file).write_bytes(figure_image(fig, "png", scale=1.0))
+        log(out, f"figure {dest / file}")
 
 
 def main() -> None:
@@ -158,12 +230,16 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-analytic", action="store_true")
     ap.add_argument("--analyse", action="store_true")
+    ap.add_argument("--figures", type=Path, default=None, help="write the docs figures (PNG) into this folder")
     ap.add_argument("--conventions", default=",".join(T.CONVENTIONS), help="analytic conventions to compute")
     ap.add_argument("--steps", type=int, default=200, help="Adam steps of the free and open conventions")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.analyse:
         print(json.dumps(analyse(args.out), indent=2))
+        return
+    if args.figures is not None:
+        figures(args.out, args.figures)
         return
     stages = [
         ("train", train_stage, args.skip_train),

@@ -131,3 +131,34 @@ def test_trained_two_by_one_diagram_agrees_with_the_analytic_one():
     # every cell's best seed is close to the best analytic candidate's loss (free parameters only help it)
     ana = T.analytic_phase_diagram(2, 1, grid.importances, grid.probabilities, "bias")
     assert np.all(emp.exact_loss <= ana.losses.min(-1) / 2 * 1.15 + 1e-5)
+
+
+def test_phase_figures_trace_counts():
+    from superposition import plots
+
+    spec = _spec(seeds=(0,), n=3, m=2)
+    grid = phase.phase_grid(spec)
+    ana = T.analytic_phase_diagram(3, 2, grid.importances, grid.probabilities, "paper")
+    # plant the analytic winners, except one cell that gets a twin and one that gets a wrong candidate
+    names = [c.name for c in ana.candidates]
+    Ws = [ana.candidates[ana.winner[i, j]].W for i in range(3) for j in range(3)]
+    bs = [
+        np.where(np.diag(ana.candidates[ana.winner[i, j]].gram) > 0.5, 0.0, P2[j] / 2)
+        for i in range(3)
+        for j in range(3)
+    ]
+    Ws[0] = ana.candidates[names.index("triangle(1,2,3)")].W
+    emp = phase.empirical_diagram(_planted_run(spec, Ws, bs))
+    agree = phase.agreement(emp, ana)
+    assert agree.sum() == 8 and not agree[0, 0]
+    fig = plots.phase_comparison(ana, emp)
+    present = {emp.candidates[w].name for w in emp.winner.reshape(-1)}
+    # twins share a colour: count the symmetry classes among the trained winners
+    sym = T.symmetry_classes(ana.candidates, ana.importances)
+    classes = {int(sym[names.index(n)]) for n in present}
+    assert len(fig.data) == 1 + len(classes) + 1
+    assert fig.data[0].type == "heatmap" and fig.data[-1].name.startswith("trained winner")
+    assert len(fig.data[-1].x) == 1
+    gap = plots.phase_gap(ana)
+    assert len(gap.data) == 1 and gap.data[0].type == "heatmap"
+    assert np.all(np.isfinite(np.asarray(gap.data[0].z, dtype=float)))

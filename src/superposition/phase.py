@@ -145,7 +145,9 @@ def empirical_diagram(run: Run) -> EmpiricalDiagram:
 
 
 def agreement(empirical: EmpiricalDiagram, analytic: theory.PhaseDiagram) -> np.ndarray:
-    """(R, P) True where the trained winner is one of the analytic diagram's best candidates (ties included).
+    """(R, P) True where the trained winner is one of the analytic diagram's best candidates: the winner itself, a
+    candidate tied with it, or the same solution with equally important features swapped (``theory.symmetry_classes``
+    of that row).
 
     Both diagrams must be computed on the same grid (``analytic_phase_diagram(n, m, grid.importances,
     grid.probabilities, ...)``). A trained winner outside the analytic candidate list (a configuration that leaves a
@@ -155,10 +157,14 @@ def agreement(empirical: EmpiricalDiagram, analytic: theory.PhaseDiagram) -> np.
         raise SpecError("agreement: the analytic and empirical diagrams are on different grids")
     index = {c.name: k for k, c in enumerate(analytic.candidates)}
     ties = analytic.ties()
+    sym = [theory.symmetry_classes(analytic.candidates, row[None]) for row in analytic.importances]
     out = np.zeros(empirical.winner.shape, dtype=bool)
     for (i, j), w in np.ndenumerate(empirical.winner):
         if w < 0:
             continue
         k = index.get(empirical.candidates[w].name)
-        out[i, j] = k is not None and bool(ties[i, j, k])
+        if k is None:
+            continue
+        # the same solution up to swapping equally important features, or a numerical tie
+        out[i, j] = bool(ties[i, j, k]) or sym[i][k] == sym[i][analytic.winner[i, j]]
     return out

@@ -60,6 +60,7 @@ __all__ = [
     "Candidate",
     "candidates",
     "classify_geometry",
+    "symmetry_classes",
     "NORM_FLOOR",
     "PhaseDiagram",
     "analytic_phase_diagram",
@@ -624,6 +625,22 @@ def classify_geometry(
     Gc = torch.tensor(np.stack([c.gram for c in cands]), dtype=DTYPE)
     dist = (G.unsqueeze(-3) - Gc).square().sum(dim=(-2, -1))
     return dist.argmin(dim=-1)
+
+
+def symmetry_classes(cands: list[Candidate], importances: np.ndarray) -> np.ndarray:
+    """For each candidate, the index of the first candidate it equals up to a permutation of features that have the
+    same importance in every row (with I = (1, 1, r), dropping feature 1 or feature 2 is one regime)."""
+    imp = np.asarray(importances, dtype=np.float64)
+    n = imp.shape[1]
+    perms = [q for q in itertools.permutations(range(n)) if np.array_equal(imp[:, list(q)], imp)]
+    keys = {np.round(c.gram, 9).tobytes(): k for k, c in reversed(list(enumerate(cands)))}
+    out = np.arange(len(cands))
+    for k, c in enumerate(cands):
+        for q in perms:
+            g = np.round(c.gram[np.ix_(q, q)], 9).tobytes()
+            if g in keys:
+                out[k] = min(out[k], keys[g])
+    return out
 
 
 class PhaseDiagram(NamedTuple):
