@@ -175,6 +175,9 @@ _COLUMNS: dict[str, str] = {
     "ternary_neg": "fraction of untied weights that are strongly negative",
     "ternary_zero": "fraction of untied weights near zero (≤ 0.1 of the largest |w|)",
     "n_motifs": "asymmetric superposition motifs found (seed 000)",
+    "n_computed": "features whose output is within 0.25 of the label at x_i = −1, 0, 1 with the others off",
+    "n_abs_pairs": "features read by an antipodal pair of neurons that both write positively to them (|x| task)",
+    "transplant_loss": "loss of the same weights moved into a plain MLP, on the same evaluation samples",
 }
 
 MAX_FEATURE_ROWS = 400
