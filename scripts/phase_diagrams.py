@@ -211,7 +211,11 @@ def figures(out: Path, dest: Path) -> None:
         g = emp.grid
         conv = conv if f"{name}/preset/{conv}/losses" in data else "free"
         ana = load_diagram(data, name, "preset", conv, n, m, g.importances, g.probabilities)
-        todo.append((f"{name}.png", plots.phase_comparison(ana, emp)))
+        lines = []
+        if n == 2:
+            rr = np.geomspace(0.1, 10, 101)
+            lines.append(("closed form s* (paper conventions)", rr, T.two_by_one_boundary(rr)))
+        todo.append((f"{name}.png", plots.phase_comparison(ana, emp, boundaries=lines)))
     for name, (n, m) in PRESETS.items():
         imp = data[f"{name}/fine/importances"]
         ps = data[f"{name}/fine/probabilities"]

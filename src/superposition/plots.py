@@ -815,12 +815,17 @@ def _relative_importance(importances: np.ndarray) -> np.ndarray:
     return imp[:, -1] / imp[:, 0]
 
 
-def phase_comparison(analytic: Any, empirical: Any, title: str | None = None) -> go.Figure:
+def phase_comparison(
+    analytic: Any,
+    empirical: Any,
+    title: str | None = None,
+    boundaries: Sequence[tuple[str, np.ndarray, np.ndarray]] = (),
+) -> go.Figure:
     """Analytic regions (a ``theory.PhaseDiagram``) with the trained winner of each cell (a
     ``phase.EmpiricalDiagram`` on the same grid) on top; cells where they disagree get a black cross.
 
-    Traces: those of :func:`phase_diagram` (one heatmap, one marker trace per trained winner present), then one
-    marker trace for the disagreeing cells (always present, possibly empty).
+    Traces: those of :func:`phase_diagram` (one heatmap, one line per boundary, one marker trace per trained winner
+    present), then one marker trace for the disagreeing cells (always present, possibly empty).
     """
     from superposition.phase import agreement
     from superposition.theory import symmetry_classes
@@ -848,6 +853,7 @@ def phase_comparison(analytic: Any, empirical: Any, title: str | None = None) ->
         points_x=_relative_importance(grid.importances)[cells[:, 0]],
         points_y=np.asarray(grid.probabilities)[cells[:, 1]],
         points_label=labels,
+        boundaries=boundaries,
         x_title=f"relative importance I<sub>{n}</sub>/I<sub>1</sub> of the last feature (dimensionless, log scale)",
         title=title,
     )
