@@ -5,6 +5,7 @@ Every input error ends as one line on stderr and exit code 2; a diverging run en
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -99,7 +100,7 @@ def run_cmd(
     if experiment.sweep is not None:  # a spec with a [sweep] section runs as a sweep (rerunning resumes it)
         _run_sweep(experiment, out, resume=resume, quiet=quiet)
         return
-    target = out if out is not None else Path("runs") / experiment.name
+    target = out if out is not None else _default_folder(experiment.name)
     if target.exists() and not overwrite:
         raise _Fail(f"{target}: already exists (pass --overwrite to replace it, or choose --out)")
     progress = not quiet and sys.stderr.isatty()
@@ -197,7 +198,7 @@ def _run_sweep(
     from superposition import sweep as sw
     from superposition.spec import _parse_value
 
-    target = out if out is not None else Path("runs") / experiment.name
+    target = out if out is not None else _default_folder(experiment.name)
     if backend not in sw.BACKENDS:
         raise _Fail(f"--backend: {backend!r} is not one of {', '.join(sw.BACKENDS)}")
     options = {}
@@ -307,6 +308,14 @@ def show_cmd(preset: Annotated[str, typer.Argument(help="A preset name.")]) -> N
     typer.echo(preset_text(preset), nl=False)
 
 
+@functools.lru_cache(maxsize=2)
+def _click_command(n_commands: int):
+    """The click command typer builds from ``app`` (built once: building it costs more than most commands)."""
+    import typer.main
+
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     from superposition.train import TrainingDiverged
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         args = ["--help"]
     try:
-        code = app(args=args, prog_name="superposition", standalone_mode=False)
+        code = _click_command(len(app.registered_commands))(args=args, prog_name="superposition", standalone_mode=False)
         # Outside standalone mode typer returns the code of an Exit it caught: 130 for Ctrl-C (KeyboardInterrupt).
         if code == 130:
             _err("interrupted")
@@ -351,8 +360,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _err(message: str) -> None:
-    first = message.strip().splitlines()[0] if message.strip() else "error"
-    print(f"error: {first}", file=sys.stderr)
+    # Exactly one line: user text inside a message (a key, a file name) may hold newlines or other separators.
+    text = message.strip() or "error"
+    line = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    print(f"error: {line}", file=sys.stderr)
+
+
+def _default_folder(name: str) -> Path:
+    """runs/<name>, refusing a name that would leave runs/ or hide the folder (pass --out for those)."""
+    bad = not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0") or not name.isprintable()
+    if bad or len(name.encode("utf-8")) > 200:
+        raise _Fail(f"name {name!r} cannot be a folder name under runs/; pass --out DIR")
+    return Path("runs") / name
 
 
 if __name__ == "__main__":

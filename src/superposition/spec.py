@@ -640,7 +640,10 @@ def _is_union_tag(part: Any) -> bool:
 def format_validation_error(exc: ValidationError) -> str:
     """One line naming the first bad field, what is wrong, and what was given."""
     err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
+    parts = list(err["loc"])
+    # An unknown key is the user's own text, never a union tag, however it is spelled.
+    last = [str(parts.pop())] if err["type"] == "extra_forbidden" and parts else []
+    loc = ".".join([str(x) for x in parts if not _is_union_tag(x)] + last)
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -690,7 +693,7 @@ def preset_description(name: str) -> str:
 def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
@@ -726,6 +729,8 @@ def read_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{source}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise SpecError(f"{source}: not valid TOML (nested too deeply)") from None
 
 
 def load_raw(source: str | Path) -> dict[str, Any]:
@@ -733,7 +738,8 @@ def load_raw(source: str | Path) -> dict[str, Any]:
     path = Path(source)
     if path.suffix in (".toml", ".json") or path.exists():
         if not path.is_file():
-            raise SpecError(f"{source}: no such spec file")
+            what = "is a folder, not a spec file" if path.is_dir() else "not a regular file"
+            raise SpecError(f"{source}: {what if path.exists() else 'no such spec file'}")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -743,6 +749,8 @@ def load_raw(source: str | Path) -> dict[str, Any]:
                 raw = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise SpecError(f"{source}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise SpecError(f"{source}: not valid JSON (nested too deeply)") from None
         else:
             raw = read_toml(text, str(source))
         if not isinstance(raw, dict):
@@ -761,9 +769,9 @@ def load_spec(source: str | Path | dict[str, Any], overrides: list[str] = (), qu
     """
     raw = dict(source) if isinstance(source, dict) else load_raw(source)
     quick_table = raw.pop("quick", None)
+    if quick_table is not None and not isinstance(quick_table, dict):
+        raise SpecError("quick: must be a table of dotted overrides")
     if quick:
-        if quick_table is not None and not isinstance(quick_table, dict):
-            raise SpecError("quick: must be a table of dotted overrides")
         q = _flatten(quick_table or {})
         q.setdefault("train.steps", min(int(_get_or(raw, "train.steps", 5000)), 300))
         raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in q.items()])
