@@ -462,3 +462,38 @@ def test_divergence_drop_masks_instances_and_goes_on(tmp_path, small_toml, monke
         assert torch.equal(value[2], torch.zeros_like(value[2])), name
     steps = dropped.history["step"].unique().tolist()
     assert steps == clean.history["step"].unique().tolist() and steps[-1] == 23
+
+
+def test_fast_engine_resumes_bit_identically(tmp_path, monkeypatch):
+    # The fused engine draws its data from counters (seed, step), not from the generator: resuming must still
+    # give the uninterrupted run. Uncompiled here, so the test needs no C++ compiler and no compile time.
+    import superposition.runs as runs
+
+    fast = pytest.importorskip("superposition.fast")
+    from superposition.spec import parse_spec
+
+    monkeypatch.setattr(fast, "compile_available", lambda device: False)
+    spec = parse_spec(
+        {
+            "name": "f",
+            "model": {"n_features": 5, "d_hidden": 2},
+            "data": {"feature_probability": 0.1},
+            "train": {"steps": 60, "batch_size": 32, "log_every": 10, "checkpoint_every": 20, "engine": "fast"},
+            "instances": {"seed": [0, 1]},
+        }
+    )
+    straight = runs.run(spec, tmp_path / "a")
+    assert straight.meta["engine"] == "fast-uncompiled"
+    real = runs._save_checkpoint
+
+    def crash(folder, state):
+        real(folder, state)
+        if state.step == 40:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run(spec, tmp_path / "b")
+    monkeypatch.setattr(runs, "_save_checkpoint", real)
+    runs.run(spec, tmp_path / "b", resume=True)
+    assert _same_run(tmp_path / "a", tmp_path / "b")
