@@ -162,15 +162,17 @@ def neuron_model(run: Run) -> Row:
 
 def abs_computation(run: Run) -> Row:
     df = run.instances.assign(p=_probs(run.spec))
-    pairs, comp = df["n_abs_pairs"].tolist(), df["n_computed"].tolist()
-    ok = pairs[0] >= 15 and comp[-1] > comp[0]
+    pairs, comp, mono = df["n_abs_pairs"].tolist(), df["n_computed"].tolist(), df["monosemanticity"].tolist()
+    # The seed's claims: in the (mostly) monosemantic dense instances each computed feature has neurons of both
+    # signs that write positively to it; neurons turn polysemantic as p falls.
+    ok = pairs[0] == comp[0] > 0 and mono[0] > 0.95 and mono[-1] < 0.8
     return Row(
-        f"at p = {_seq(df['p'])}: features with an antipodal W1 neuron pair (both W2 > 0) {_seq(pairs)}; "
-        f"features computed (|x'−|x|| < 0.25 at x = −1, 0, 1) {_seq(comp)}; monosemanticity "
-        f"{_seq(df['monosemanticity'], 2)}",
-        "each computed feature gets a pair of antipodal W1 neurons with positive W2 (40 neurons: ~20 features when "
-        "dense); more features computed, polysemantic, as p falls",
-        f"{'yes' if ok else 'no'} (≥ 15 antipodal pairs at p = 1; more features computed at the sparsest p)",
+        f"at p = {_seq(df['p'])}: features computed (|x'−|x|| < 0.25 at x = −1, 0, 1) {_seq(comp)}; of them with "
+        f"an antipodal W1 neuron pair (both W2 > 0) {_seq(pairs)}; neuron monosemanticity {_seq(mono, 2)}",
+        "each computed feature gets a pair of antipodal W1 neurons with positive W2 (dense: monosemantic); "
+        "polysemantic neurons appear as p falls",
+        f"{'yes' if ok else 'no'} (at p = 1 every computed feature has an antipodal pair and monosemanticity > 0.95; "
+        "< 0.8 at the sparsest p)",
     )
 
 
@@ -238,15 +240,21 @@ def geometry(run: Run) -> Row:
     geo = metrics.recognise_geometry(W)
     rep = ~torch.isnan(geo.sticky)
     near = (geo.distance < 0.05) & rep
-    share = float(near.sum()) / max(int(rep.sum()), 1)
-    counts = {name: int(((geo.polytope == k) & near).sum()) for k, name in enumerate(metrics.POLYTOPES)}
     dpf = df["dims_per_feature"].to_numpy()
-    ok = dpf[0] > 0.9 and dpf[-1] < 0.5 and share > 0.5
+    # The sticky catalogue ends at the square antiprism (D = 3/8): where the average dimension per feature is
+    # below that, the features cannot all sit in those polytopes, so the share is read where dpf >= 3/8.
+    structured = torch.as_tensor(dpf >= 3 / 8)
+    share = float(near[structured].sum()) / max(int(rep[structured].sum()), 1)
+    counts = {name: int(((geo.polytope == k) & near)[structured].sum()) for k, name in enumerate(metrics.POLYTOPES)}
+    plateau = int(((dpf > 0.45) & (dpf < 0.55)).sum())
+    ok = dpf[0] > 0.9 and share > 0.5 and plateau >= 1
     return Row(
-        f"dims per feature at 1/(1−S) = {_seq(1 / df['p'], 3)}: {_seq(dpf, 2)}; {share:.0%} of represented "
-        f"features within 0.05 of a sticky D_i ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})",
+        f"dims per feature at 1/(1−S) = {_seq(1 / df['p'], 3)}: {_seq(dpf, 2)}; where dims per feature ≥ 3/8 "
+        f"({int(structured.sum())} probabilities), {share:.0%} of represented features lie within 0.05 of a sticky "
+        f"D_i ({', '.join(f'{k} {v}' for k, v in counts.items() if v)}); below that, D_i falls under 3/8",
         "dims per feature falls from 1 in plateaus (1/2 prominent); D_i at 1, 3/4, 2/3, 1/2, 2/5, 3/8",
-        f"{'yes' if ok else 'no'} (1 at p = 1, < 0.5 at the sparsest, > 50% of features at a sticky value)",
+        f"{'yes' if ok else 'no'} (1 at p = 1, a probability at 1/2 ± 0.05, > 50% of features at a sticky value "
+        "where dims per feature ≥ 3/8)",
     )
 
 
