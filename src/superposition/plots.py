@@ -904,10 +904,12 @@ def phase_gap(analytic: Any, title: str | None = None) -> go.Figure:
     other = np.where(same, np.inf, losses)
     runner = sym[other.argmin(axis=-1)]
     rel = 100 * (other.min(axis=-1) - best) / np.maximum(best, 1e-300)
+    rel = np.where(np.isfinite(rel), rel, np.nan)  # no runner-up (``open`` optima that all land in one class)
     z = np.log10(np.clip(rel, 1e-3, None)).T
     text = np.char.add(np.char.add(names[first].astype(str), " over "), names[runner].astype(str)).T
     n, m = analytic.importances.shape[1], analytic.candidates[0].W.shape[0]
-    lo, hi = math.floor(float(np.nanmin(z))), math.ceil(float(np.nanmax(z)))
+    lo, hi = math.floor(float(np.nanmin(z, initial=np.inf))), math.ceil(float(np.nanmax(z, initial=-np.inf)))
+    lo, hi = (lo, hi) if lo <= hi else (-3, 3)
     ticks = list(range(lo, hi + 1))
     fig = go.Figure(
         go.Heatmap(
