@@ -302,3 +302,18 @@ def test_free_convention_never_worse_than_bias_convention():
     assert np.all(free.norms[free.norms > 0] >= T.NORM_FLOOR - 1e-12)
     # at s = 0.9, r = 0.5 the freed antipodal pair improves noticeably
     assert free.losses[0, 1, 2] < bias.losses[0, 1, 2] * 0.9
+
+
+def test_open_convention_deforms_the_triangle():
+    # r = 0.76, density 0.6: training finds a triangle with angles near 100°, 130°, 130° (docs/phase-changes.md)
+    imp = np.array([[1.0, 1.0, 0.76]])
+    tri = [c for c in T.candidates(3, 2) if c.name == "triangle(1,2,3)"]
+    opened = T.analytic_phase_diagram(3, 2, imp, np.array([0.6]), "open", cands=tri, free_steps=150)
+    assert np.isfinite(opened.losses[0, 0, 0])  # the optimum started at the triangle stays a triangle
+    W = opened.weights[0, 0, 0]
+    U = W / np.linalg.norm(W, axis=0)
+    angle12 = np.degrees(np.arccos(U[:, 0] @ U[:, 1]))
+    assert 95 < angle12 < 110  # features 1 and 2 closer than 120°, feature 3 pushed away
+    assert opened.norms[0, 0, 0, 2] < 0.8 * opened.norms[0, 0, 0, 0]
+    fixed = T.analytic_phase_diagram(3, 2, imp, np.array([0.6]), "free", cands=tri, free_steps=150)
+    assert opened.losses[0, 0, 0] < fixed.losses[0, 0, 0]
