@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from superposition.models import ToyModel, build_model  # noqa: E402
 from superposition.runs import Run, load_run, run, save_run, train  # noqa: E402
+from superposition.sae import load_sae  # noqa: E402
 from superposition.spec import Experiment, SpecError, load_spec  # noqa: E402
 from superposition.sweep import Sweep, load_sweep  # noqa: E402
 
@@ -19,6 +20,7 @@ __all__ = [
     "run",
     "save_run",
     "load_run",
+    "load_sae",
     "Sweep",
     "load_sweep",
 ]

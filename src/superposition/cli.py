@@ -113,6 +113,53 @@ def run_cmd(
             f"wrote {target}/ ({result.meta['engine']} engine, {result.meta['train_seconds']:.1f} s of training); "
             f"open {target / 'report.html'}"
         )
+    if experiment.sae is not None:  # a spec with an [sae] section trains its SAEs on the new run next
+        _train_saes(result, experiment.sae, overwrite=True, device=device, quiet=quiet)
+
+
+def _train_saes(run, spec, *, overwrite: bool, device: str | None, quiet: bool) -> None:
+    from superposition.sae import run_saes, summary_table
+
+    if not quiet:
+        typer.echo(f"training SAEs ({', '.join(spec.architectures)}) on {run.path}")
+    progress = not quiet and sys.stderr.isatty()
+    for sae in run_saes(run, spec, overwrite=overwrite, device=device, progress=progress):
+        if not quiet:
+            cols = ["sparsity", "resample_method", "mmcs_features", "recovered_99", "n_true", "dead", "l0", "fvu"]
+            table = summary_table(sae.scores)[cols + ["all_recovered_99"]]
+            typer.echo(f"sae {sae.name} ({sae.architecture}, {sae.meta['train_seconds']:.1f} s), mean over instances:")
+            typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            typer.echo(f"wrote {sae.path}/")
+    if not quiet:
+        typer.echo(f"updated {run.path / 'report.html'}")
+
+
+@app.command("sae")
+def sae_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder.")],
+    spec: Annotated[
+        Path | None,
+        typer.Option(help="SAE spec (TOML/JSON: an [sae] table or its fields); default the run's [sae] section."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override an SAE field: sae.field=value or field=value.")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="At most 1000 steps, resampling schedule scaled to match.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the run's device).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing SAE folders of the same name.")] = False,
+) -> None:
+    """Train sparse autoencoders on a run's hidden activations; write RUN/sae/<name>/ with ground-truth scores."""
+    from superposition.runs import load_run
+    from superposition.sae import load_sae_spec
+
+    if device is not None and device not in ("cpu", "cuda", "auto"):
+        raise _Fail(f"--device: expected cpu, cuda or auto (got {device!r})")
+    run = load_run(run_dir)
+    sae_spec = load_sae_spec(spec, base=run.spec.sae, overrides=list(set_ or []), quick=quick)
+    _train_saes(run, sae_spec, overwrite=overwrite, device=device, quiet=quiet)
+
+
 @app.command("resume")
 def resume_cmd(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="The run folder an interrupted run was writing.")],

@@ -1259,14 +1259,18 @@ def sae_directions_2d(
     title: str = "SAE decoder directions (coloured) over the true feature directions (grey)",
     cols: int | None = None,
     feature_labels: Sequence[str] | None = None,
+    dead: Bool[np.ndarray, "panels d_sae"] | None = None,
 ) -> go.Figure:
-    """One panel per (instance, SAE) in a 2-D hidden space: each true feature direction as a grey arrow (its length
-    the feature's response norm), each SAE latent's unit decoder row as a coloured arrow on top. A recovered
-    feature has a latent lying along it; a dead or split latent points elsewhere.
+    """One panel per (instance, SAE) in a 2-D hidden space: each true feature direction as a thick grey arrow (its
+    length relative to the panel's longest), each SAE latent's unit decoder row as a coloured arrow on top (dotted
+    when the latent is dead). A recovered feature has a latent lying along it; a dead or straddling latent points
+    elsewhere.
 
     Traces: one per feature and one per latent in each panel; the legend toggles a latent in every panel.
     """
     F, L = _np(features), _np(latents)
+    F = F / np.maximum(np.linalg.norm(F, axis=-1).max(axis=-1, initial=0.0), 1e-12)[:, None, None]
+    is_dead = np.zeros(L.shape[:2], dtype=bool) if dead is None else np.asarray(dead, dtype=bool)
     n_panels, n_dirs, _ = F.shape
     n_lat = L.shape[1]
     labels = list(feature_labels) if feature_labels is not None else [f"f{i}" for i in range(n_dirs)]
@@ -1297,12 +1301,15 @@ def sae_directions_2d(
                     x=[0.0, x],
                     y=[0.0, y],
                     mode="lines+markers",
-                    line=dict(color=colours[j], width=2),
+                    line=dict(color=colours[j], width=2, dash="dot" if is_dead[k, j] else "solid"),
                     marker=dict(size=[0, 8], color=colours[j], symbol="arrow", angleref="previous"),
                     name=f"latent {j}",
                     legendgroup=f"latent {j}",
                     showlegend=k == 0,
-                    hovertemplate=f"latent {j} decoder row<br>({x:.3f}, {y:.3f})<extra></extra>",
+                    hovertemplate=(
+                        f"latent {j} decoder row{' (dead)' if is_dead[k, j] else ''}"
+                        f"<br>({x:.3f}, {y:.3f})<extra></extra>"
+                    ),
                 ),
                 row=row + 1,
                 col=col + 1,
@@ -1368,13 +1375,13 @@ def sae_cosine_heatmap(
 
 _SAE_AXIS = {
     "l0": "L0: active latents per sample (mean)",
-    "mmcs_features": "mean max cosine over true features (dimensionless)",
-    "mmcs_latents": "mean max cosine over latents (dimensionless)",
-    "recovered_99": "features recovered at cosine > 0.99 (count)",
-    "recovered_90": "features recovered at cosine > 0.9 (count)",
-    "fvu": "fraction of variance unexplained (dimensionless)",
+    "mmcs_features": "mean max cosine, features (dimensionless)",
+    "mmcs_latents": "mean max cosine, latents (dimensionless)",
+    "recovered_99": "features with cosine > 0.99 (count)",
+    "recovered_90": "features with cosine > 0.9 (count)",
+    "fvu": "variance unexplained (fraction)",
     "dead": "dead latents (count)",
-    "shrinkage": "reconstructed / true norm (dimensionless)",
+    "shrinkage": "reconstructed / true norm (ratio)",
 }
 
 
@@ -1453,7 +1460,9 @@ def sae_dead_latents(
         ev = events[events["series"] == name]
         if len(ev):
             steps = ev["step"].to_numpy()
-            before = np.interp(steps, sub["step"].to_numpy(), sub["dead"].to_numpy(dtype=np.float64))
+            # Mark each event on the last count logged before it (the count it acted on).
+            logged, counts = sub["step"].to_numpy(), sub["dead"].to_numpy(dtype=np.float64)
+            before = counts[np.clip(np.searchsorted(logged, steps, side="left") - 1, 0, len(counts) - 1)]
             fig.add_trace(
                 go.Scatter(
                     x=steps,
@@ -1470,5 +1479,5 @@ def sae_dead_latents(
     for step in sorted(set(events["step"].tolist())):
         fig.add_vline(x=float(step), line=dict(color="#888", dash="dot", width=1))
     fig.update_xaxes(title_text="training step")
-    fig.update_yaxes(title_text="dead latents per SAE (count, mean over instances)", rangemode="tozero")
+    fig.update_yaxes(title_text="dead latents per SAE (mean count)", rangemode="tozero")
     return _finish(fig, title, height=420, legend=dict(orientation="h", y=-0.25))

@@ -308,6 +308,10 @@ def run_sections(run: Run) -> list[Section]:
                 tables=[features],
             )
         )
+    if run.path is not None and (Path(run.path) / "sae").is_dir():
+        from superposition.sae import run_sae_sections  # lazy: the run's SAE folders (RUN/sae/*) and their figures
+
+        sections.extend(run_sae_sections(run))
     motifs = _motif_table(run)
     if motifs is not None:
         sections.append(

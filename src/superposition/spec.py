@@ -271,7 +271,7 @@ SAE_SPARSITY_FIELD: dict[str, str] = {
     "gated": "l1_coefficient",
     "jumprelu": "l0_coefficient",
     "topk": "k",
-    "batchtopk": "k",
+    "batchtopk": "batch_k",
 }
 
 
@@ -286,14 +286,18 @@ class SaeSpec(_Section):
     """Number of latents of each SAE."""
     tied: bool = False
     """Tie the encoder to the decoder (W_enc = W_dec^T)."""
+    init: Literal["transpose", "independent"] = "transpose"
+    """Unit decoder rows with W_enc = W_dec^T, or W_enc, W_dec drawn independently (the curriculum's kaiming)."""
     normalize_decoder: bool | None = None
     """Keep decoder rows at unit norm; default on for the L1-penalised relu and gated, off otherwise."""
     l1_coefficient: float | list[float] = 0.2
     """L1 penalty lambda of relu and gated (a list: one SAE per value)."""
     l0_coefficient: float | list[float] = 0.01
     """L0 penalty lambda of jumprelu (a list: one SAE per value)."""
-    k: float | list[float] = 1.0
-    """Active latents per sample: topk (an integer) or batchtopk (a batch average, may be fractional)."""
+    k: int | list[int] = 1
+    """topk: active latents per sample (a list: one SAE per value)."""
+    batch_k: float | list[float] | None = None
+    """batchtopk: active latents per sample on average over the batch, fractions allowed (default: k)."""
     threshold: float = Field(0.1, gt=0.0, le=1e6, allow_inf_nan=False)
     """jumprelu: initial threshold theta0 (learned as log theta)."""
     bandwidth: float = Field(0.01, gt=0.0, le=1e6, allow_inf_nan=False)
@@ -329,19 +333,19 @@ class SaeSpec(_Section):
             values = getattr(self, key)
             if isinstance(values, list) and (not values or len(set(values)) != len(values)):
                 raise ValueError(f"sae.{key}: give a non-empty list without repeats")
-        for key in ("l1_coefficient", "l0_coefficient", "k"):
+        for key in ("l1_coefficient", "l0_coefficient", "k", "batch_k"):
             values = getattr(self, key)
+            if values is None:
+                continue
             values = values if isinstance(values, list) else [values]
             if not values:
                 raise ValueError(f"sae.{key}: the list is empty")
+            positive = key in ("k", "batch_k")
             for v in values:
-                if not math.isfinite(v) or v < 0 or (key == "k" and v <= 0):
-                    bound = "> 0" if key == "k" else ">= 0"
-                    raise ValueError(f"sae.{key}: values must be finite and {bound} (got {v})")
-                if key == "k" and v > self.d_sae:
-                    raise ValueError(f"sae.k: at most d_sae={self.d_sae} latents can be active (got {v})")
-                if key == "k" and "topk" in self.architectures and v != int(v):
-                    raise ValueError(f"sae.k: topk needs whole numbers (got {v}); batchtopk allows fractions")
+                if not math.isfinite(v) or v < 0 or (positive and v <= 0):
+                    raise ValueError(f"sae.{key}: values must be finite and {'> 0' if positive else '>= 0'} (got {v})")
+                if positive and v > self.d_sae:
+                    raise ValueError(f"sae.{key}: at most d_sae={self.d_sae} latents can be active (got {v})")
         return self
 
     @property
@@ -358,6 +362,8 @@ class SaeSpec(_Section):
     def sparsity_values(self, architecture: str) -> list[float]:
         """The sparsity settings (lambda or k) that one architecture sweeps."""
         v = getattr(self, SAE_SPARSITY_FIELD[architecture])
+        if v is None:  # batch_k defaults to k
+            v = self.k
         return [float(x) for x in (v if isinstance(v, list) else [v])]
 
     def decoder_normalized(self, architecture: str) -> bool:
