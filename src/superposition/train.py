@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from superposition.data import Sampler, importance_tensor, make_sampler, target_fn
+from superposition.fast import FastStepper, choose_engine
 from superposition.models import ToyModel, build_model
 from superposition.spec import Experiment
 
@@ -159,6 +160,8 @@ class TrainState:
     step: int = 0
     history: list[tuple[int, np.ndarray]] = field(default_factory=list)
     engine: str = "eager"
+    engine_reason: str = ""
+    fast: FastStepper | None = None
 
     @property
     def params(self) -> dict[str, Tensor]:
@@ -180,6 +183,7 @@ class TrainState:
             return torch.tensor([float(v) for v in spec.instance_values(key)], device=device, dtype=torch.float32)
 
         params = dict(model.named_parameters())
+        choice = choose_engine(spec, device)
         return cls(
             spec=spec,
             model=model,
@@ -192,6 +196,8 @@ class TrainState:
             generator=gen,
             dataset=dataset,
             alive=torch.ones(spec.n_instances, dtype=torch.bool, device=device),
+            engine=choice.engine,
+            engine_reason=choice.reason,
         )
 
     def batch(self) -> Float[Tensor, "batch inst feats"]:
@@ -228,15 +234,40 @@ class TrainState:
         self.step += 1
         return loss.detach()
 
+    def fast_step(self) -> Float[Tensor, " inst"]:
+        """One fused step of the fast engine (compiled on first use); same contract as :meth:`eager_step`."""
+        if self.fast is None:
+            self.fast = FastStepper(self.spec, compile=self.engine == "fast")
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        tensors = {
+            "probability": self.sampler.probability,
+            "importance": self.importance,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "residual_factor": self.residual_factor,
+            "alive": self.alive,
+            "relu_out": self.model.relu_out,
+        }
+        if self.spec.model.kind == "residual-mlp":
+            tensors["W_E"] = self.model.W_E
+        loss = self.fast(params, self.adam.exp_avg, self.adam.exp_avg_sq, self.step, tensors)
+        self.step += 1
+        self.adam.step = self.step
+        return loss
+
+    def train_step(self) -> Float[Tensor, " inst"]:
+        """One step of the state's engine."""
+        return self.eager_step() if self.engine == "eager" else self.fast_step()
+
     @torch.no_grad()
     def drop_(self, bad: Tensor) -> None:
-        """Mask diverged instances: zero their parameters and moments so NaNs cannot spread."""
+        """Mask diverged instances: zero their parameters and moments so NaNs cannot spread (in place)."""
         self.alive &= ~bad
         for name, p in self.model.named_parameters():
-            keep = self.alive.view((-1,) + (1,) * (p.dim() - 1))
-            p.data = torch.where(keep, p.data, torch.zeros_like(p.data))
+            dead = ~self.alive.view((-1,) + (1,) * (p.dim() - 1))
+            p.data.masked_fill_(dead, 0.0)
             for store in (self.adam.exp_avg, self.adam.exp_avg_sq):
-                store[name] = torch.where(keep, store[name], torch.zeros_like(store[name]))
+                store[name].masked_fill_(dead, 0.0)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
@@ -257,12 +288,13 @@ class TrainState:
         self.model.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
         )
+        # In place, so tensors that a compiled step (or a captured CUDA graph) holds stay valid.
         for name in self.adam.exp_avg:
-            self.adam.exp_avg[name] = tensors[f"adam.exp_avg.{name}"].to(dev)
-            self.adam.exp_avg_sq[name] = tensors[f"adam.exp_avg_sq.{name}"].to(dev)
+            self.adam.exp_avg[name].copy_(tensors[f"adam.exp_avg.{name}"])
+            self.adam.exp_avg_sq[name].copy_(tensors[f"adam.exp_avg_sq.{name}"])
         self.adam.step = step
         self.generator.set_state(tensors["rng"])
-        self.alive = tensors["alive"].to(dev).bool()
+        self.alive.copy_(tensors["alive"].to(dev).bool())
         if "history.steps" in tensors:
             steps, losses = tensors["history.steps"].tolist(), tensors["history.loss"].numpy()
             self.history = [(s, losses[i]) for i, s in enumerate(steps)]
@@ -303,7 +335,9 @@ def train_model(
     start = time.perf_counter()
     while state.step < t.steps:
         step = state.step
-        loss = state.eager_step()
+        if bar is not None and state.engine == "fast" and state.fast is None:
+            bar.set_postfix_str("compiling the fused step")
+        loss = state.train_step()
         last = state.step == t.steps
         if step % t.log_every == 0 or last:
             _check_finite(state, loss, step)

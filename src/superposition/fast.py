@@ -1,0 +1,786 @@
+"""The fast training engine: one fused step (sample, forward, hand-derived backward, Adam) compiled as a whole.
+
+Everything a step needs is a pure tensor function of the model's parameters, the Adam moments and the step
+number, so ``torch.compile`` turns the whole step into a few fused loops (and, on CUDA, one captured graph):
+
+- **Counter-based random numbers.** Uniforms are a keyed integer hash of (seed, step, element index), computed
+  inside the fused loops instead of materialised by ``torch.rand`` (which costs several ns per element on a CPU).
+  The stream depends only on the seed and the step number, so a resumed run draws exactly the batches an
+  uninterrupted one would, without any generator state. One uniform gives both the mask and the value of a
+  feature: given u < p, u / p is uniform on [0, 1). The stream differs from the eager engine's ``torch.Generator``
+  stream; its statistics are the same (tests/test_fast.py).
+- **Instance-major layout.** Batches are drawn as (inst, batch, feats), so every product is a batched matmul over
+  contiguous instances (no permute copies); products with a tiny contraction or output are written as
+  broadcast-multiply-sums that the compiler fuses with their neighbours.
+- **Hand-derived backward.** The model family is small; writing its gradients out avoids autograd's graph and
+  lets the compiler fuse the backward with the forward and the optimiser.
+- **Fused Adam/AdamW** with per-instance learning rate and weight decay, the schedule and bias corrections
+  computed on the device from the step counter (the same formula as ``torch.optim.Adam``).
+
+The functions here run uncompiled too (the tests check them that way); :class:`FastStepper` compiles them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from superposition.spec import Experiment
+
+__all__ = [
+    "FastConfig",
+    "FastStepper",
+    "Grads",
+    "fast_config",
+    "fast_applies",
+    "choose_engine",
+    "EngineChoice",
+    "estimated_eager_seconds",
+    "compile_available",
+    "uniform",
+    "sample",
+    "loss_and_grads",
+    "adam_update_",
+    "schedule_multiplier",
+    "train_step",
+]
+
+M32 = 0xFFFF_FFFF
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+# Products whose small factor (or output) has at most this many elements per instance are written as fused
+# multiply-sums; larger ones go to the batched matmul kernels.
+SMALL_PRODUCT = 128
+# Steps with fewer batch elements (inst * feats * batch) than this run the compiled CPU loops on one thread.
+PARALLEL_ELEMENTS = 1 << 22
+
+
+# -- configuration ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FastConfig:
+    """Static settings of the fused step (everything that changes the traced program, nothing that varies)."""
+
+    kind: str
+    tied: bool
+    activations: tuple[str, ...]
+    skip: bool
+    bias_hidden: bool
+    bias_out: bool
+    target: str
+    loss: str
+    data_kind: str
+    magnitude: str
+    n_features: int
+    n_correlated_pairs: int
+    n_anticorrelated_pairs: int
+    tree_depth: int
+    early_stopping: bool
+    normalize: bool
+    batch_size: int
+    decoupled: bool
+    schedule: str
+    steps: int
+    warmup_steps: int
+    seed: int
+    any_linear: bool
+    all_relu_out: bool
+
+
+def fast_config(spec: Experiment) -> FastConfig:
+    """The static settings of an experiment's fused step."""
+    m, d, t, tr = spec.model, spec.data, spec.task, spec.train
+    nc, na = spec.n_pairs
+    kinds = spec.instance_values("model.kind")
+    return FastConfig(
+        kind=m.kind,
+        tied=bool(m.tied),
+        activations=tuple(m.activations),
+        skip=m.skip,
+        bias_hidden=m.bias_hidden,
+        bias_out=bool(m.bias_out),
+        target=t.target,
+        loss=t.loss,
+        data_kind=d.kind,
+        magnitude=d.magnitude,
+        n_features=m.n_features,
+        n_correlated_pairs=nc,
+        n_anticorrelated_pairs=na,
+        tree_depth=d.tree_depth if d.kind == "hierarchy" else 0,
+        early_stopping=d.early_stopping,
+        normalize=d.normalize,
+        batch_size=tr.batch_size,
+        decoupled=tr.optimizer == "adamw",
+        schedule=tr.schedule,
+        steps=tr.steps,
+        warmup_steps=tr.warmup_steps,
+        seed=spec.seed,
+        any_linear=m.kind == "linear" or "linear" in kinds,
+        all_relu_out=all(k in ("relu-output", "neuron", "mlp") for k in kinds),
+    )
+
+
+def fast_applies(spec: Experiment) -> str | None:
+    """Why the fast engine cannot train this experiment, or None when it can."""
+    if spec.data.dataset_size is not None:
+        return "a fixed dataset (data.dataset_size) is trained by the eager engine"
+    return None
+
+
+def compile_available(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels here (a C++ compiler on CPU, Triton on CUDA)."""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+    except Exception:  # noqa: BLE001 - an unusual torch build: no compiler
+        return False
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+class EngineChoice(NamedTuple):
+    """Which engine trains an experiment, and why."""
+
+    engine: str
+    reason: str
+
+
+# Rough cost model of one eager step, used only to decide whether compiling pays back under engine = "auto".
+# It is a fixed function of the spec (never a timing), so the same spec always trains on the same engine and
+# gives the same weights. Constants from benchmarks/throughput.py on a 2-core CPU (docs/PERFORMANCE.md).
+EAGER_STEP_OVERHEAD_S = {"cpu": 1.5e-3, "cuda": 1.0e-3}
+EAGER_S_PER_ELEMENT = {"cpu": 3e-8, "cuda": 3e-11}
+EAGER_FLOP_PER_S = {"cpu": 3e10, "cuda": 2e13}
+COMPILE_SECONDS = {"cpu": 40.0, "cuda": 60.0}
+FAST_SAVES = 0.75  # fraction of the eager time that the fused step saves (conservative; measured 80-95%)
+
+
+def estimated_eager_seconds(spec: Experiment, device_type: str) -> float:
+    """A deterministic estimate of the eager engine's training time for a spec on a device type."""
+    dev = "cuda" if device_type == "cuda" else "cpu"
+    m, inst, bs = spec.model, spec.n_instances, spec.train.batch_size
+    n, h = m.n_features, m.d_hidden
+    elements = bs * inst * n
+    if m.kind == "residual-mlp":
+        k = n + m.n_layers * (h + 1)
+        flops = 2 * bs * inst * k * (h + n) * m.n_layers * 3
+    else:
+        flops = 2 * bs * inst * n * h * 5
+    per_step = EAGER_STEP_OVERHEAD_S[dev] + elements * EAGER_S_PER_ELEMENT[dev] + flops / EAGER_FLOP_PER_S[dev]
+    return spec.train.steps * per_step
+
+
+def choose_engine(spec: Experiment, device: torch.device) -> EngineChoice:
+    """Resolve ``train.engine``: eager, fast (compiled), or fast-uncompiled (asked for fast without a compiler)."""
+    asked = spec.train.engine
+    if asked == "eager":
+        return EngineChoice("eager", "asked for")
+    why_not = fast_applies(spec)
+    if why_not is not None:
+        return EngineChoice("eager", why_not)
+    can_compile = compile_available(device)
+    if asked == "fast":
+        if can_compile:
+            return EngineChoice("fast", "asked for")
+        return EngineChoice("fast-uncompiled", "asked for fast, but torch.compile has no compiler here")
+    if not can_compile:
+        return EngineChoice("eager", "torch.compile has no compiler here")
+    eager_s = estimated_eager_seconds(spec, device.type)
+    compile_s = COMPILE_SECONDS["cuda" if device.type == "cuda" else "cpu"]
+    if FAST_SAVES * eager_s > 2 * compile_s:
+        return EngineChoice("fast", f"~{eager_s:.0f} s eager; compiling (~{compile_s:.0f} s) pays back")
+    return EngineChoice("eager", f"~{eager_s:.0f} s eager; too short for compiling (~{compile_s:.0f} s) to pay")
+
+
+# -- counter-based random numbers ---------------------------------------------------------------------------------
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, 'lowbias32' constants) of int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    x &= M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def _keys(seed: int, step: Tensor, stream: int) -> tuple[Tensor, Tensor]:
+    """Two 32-bit keys for (seed, step, stream); the step enters through the hash, never as a plain offset."""
+    s1 = _mix32_int(seed * 0x9E3779B9 + stream * 0x632BE5AB + 0x5BD1E995)
+    s2 = _mix32_int(s1 ^ (seed >> 32) ^ 0x27D4EB2F)
+    k1 = _mix32((step * 0x2545F491 + s1) & M32)
+    k2 = _mix32((k1 ^ s2) + 0x165667B1 & M32)
+    return k1, k2
+
+
+def uniform(
+    shape: tuple[int, ...], seed: int, step: Tensor, stream: int, device: torch.device | str = "cpu"
+) -> Float[Tensor, "..."]:
+    """Uniforms on [0, 1) as a keyed hash of each element's index: the same (seed, step, stream) gives the same numbers.
+
+    Two rounds of a 32-bit mixer: the first over the element index offset by a step key, the second keyed again,
+    so batches of different steps never share values even where their offset index ranges overlap. The 32-bit
+    hash is scaled (not truncated to 24 bits), so values near 0 keep their resolution and u / p stays fine for
+    small p.
+    """
+    n = math.prod(shape)
+    idx = torch.arange(n, dtype=torch.int64, device=device).view(shape)
+    k1, k2 = _keys(seed, step, stream)
+    h = _mix32(((idx & M32) + k1) & M32)
+    h = _mix32(h ^ (((idx >> 32) + k2) & M32))
+    return (h.to(torch.float32) * 2.0**-32).clamp_max(1.0 - 2.0**-24)
+
+
+def _magnitude(cfg: FastConfig, v: Tensor, seed: int, step: Tensor, stream: int) -> Tensor:
+    """Map a uniform v on [0, 1) to the feature value law (uniform, signed, or clipped normal)."""
+    if cfg.magnitude == "uniform":
+        return v
+    if cfg.magnitude == "signed":
+        return v * 2 - 1
+    # Box-Muller: v and a second uniform; 1 - v lies in (0, 1], so the log is finite.
+    w = uniform(tuple(v.shape), seed, step, stream, v.device)
+    z = torch.sqrt(-2.0 * torch.log1p(-v)) * torch.cos((2 * math.pi) * w)
+    return (0.5 + 0.2 * z).clamp(0, 1)
+
+
+def sample(
+    cfg: FastConfig, probability: Float[Tensor, " inst"], step: Tensor, dtype: torch.dtype = torch.float32
+) -> Float[Tensor, "inst feats batch"]:
+    """One training batch for every instance, feature-major (inst, feats, batch), from the stream of ``step``.
+
+    Same law as :class:`superposition.data.Sampler` (column order: correlated pairs, anticorrelated pairs,
+    independent features; or the binary tree with the root dropped), different random numbers. The batch is the
+    innermost dimension so that every fused loop runs long and vectorised along it.
+    """
+    inst, bs, n, dev = probability.shape[0], cfg.batch_size, cfg.n_features, probability.device
+    seed = cfg.seed
+    if cfg.data_kind == "hierarchy":
+        x = _tree(cfg, inst, bs, seed, step, dev)
+    else:
+        p = probability.float()[:, None, None]
+        u = uniform((inst, n, bs), seed, step, 0, dev)
+        nc, na = cfg.n_correlated_pairs, cfg.n_anticorrelated_pairs
+        parts = []
+        if nc:
+            # A pair shares one draw: both on when u < p; feature A's value is u / p, feature B draws its own.
+            uc = u[:, : 2 * nc : 2]
+            on = uc < p
+            va = _magnitude(cfg, uc / p, seed, step, 2)
+            vb = _magnitude(cfg, uniform((inst, nc, bs), seed, step, 1, dev), seed, step, 3)
+            pair = torch.stack([torch.where(on, va, 0.0), torch.where(on, vb, 0.0)], dim=2)
+            parts.append(pair.flatten(1, 2))
+        if na:
+            # One draw per pair: A when u < p (value u / p), B when p <= u < 2p (value (u - p) / p), never both.
+            ua = u[:, 2 * nc : 2 * (nc + na) : 2]
+            a, b = ua < p, (ua >= p) & (ua < 2 * p)
+            v = _magnitude(cfg, torch.where(a, ua, ua - p) / p, seed, step, 4)
+            pair = torch.stack([torch.where(a, v, 0.0), torch.where(b, v, 0.0)], dim=2)
+            parts.append(pair.flatten(1, 2))
+        if n - 2 * (nc + na):
+            ui = u[:, 2 * (nc + na) :] if nc + na else u
+            v = _magnitude(cfg, ui / p, seed, step, 5)
+            parts.append(torch.where(ui < p, v, 0.0))
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    if cfg.normalize:
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return x.to(dtype)
+
+
+def _tree(cfg: FastConfig, inst: int, bs: int, seed: int, step: Tensor, dev: torch.device) -> Tensor:
+    # One uniform per internal node (2^depth - 1 of them), read level by level.
+    u = uniform((inst, 2**cfg.tree_depth - 1, bs), seed, step, 6, dev)
+    half = 0.25 if cfg.early_stopping else 0.5
+    parent = torch.ones((inst, 1, bs), dtype=torch.bool, device=dev)
+    levels, start = [], 0
+    for level in range(cfg.tree_depth):
+        width = 2**level
+        ul = u[:, start : start + width]
+        start += width
+        a = parent & (ul < half)
+        b = parent & (ul >= half) & (ul < 2 * half)
+        parent = torch.stack([a, b], dim=2).flatten(1, 2)
+        levels.append(parent)
+    return torch.cat(levels, dim=1).float()
+
+
+def target(cfg: FastConfig, x: Tensor, residual_factor: Float[Tensor, " inst"]) -> Tensor:
+    """The label of feature-major inputs (same rule as :func:`superposition.data.target_fn`)."""
+    if cfg.target == "identity":
+        return x
+    if cfg.target == "abs":
+        return x.abs()
+    return torch.relu(x) + residual_factor[:, None, None].to(x.dtype) * x
+
+
+# -- products -----------------------------------------------------------------------------------------------------
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched a @ b over the instance dimension; products with a tiny factor as fused multiply-sums.
+
+    With the batch innermost, a tiny left factor (weights times a batch) becomes a sum over a short outer loop,
+    and a tiny output (a weight gradient, reduced over the batch) a vectorised reduction along the batch; the
+    compiler fuses both with their neighbours, where a GEMM call per instance would cost more than its work.
+    """
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if m * k <= SMALL_PRODUCT and k <= n:
+        return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)  # (inst, m, k, 1) * (inst, 1, k, n), sum over k
+    if m * n <= SMALL_PRODUCT and k > max(m, n):
+        return (a.unsqueeze(-2) * b.transpose(-1, -2).unsqueeze(-3)).sum(-1)  # sum over the long k, innermost
+    return torch.matmul(a, b)
+
+
+def _act(name: str, pre: Tensor) -> Tensor:
+    if name == "relu":
+        return torch.relu(pre)
+    if name == "gelu":
+        return torch.nn.functional.gelu(pre)
+    return pre
+
+
+def _act_grad(name: str, pre: Tensor, grad: Tensor) -> Tensor:
+    """grad * act'(pre), with the same conventions as autograd (ReLU' (0) = 0, exact GELU)."""
+    if name == "relu":
+        return torch.where(pre > 0, grad, 0.0)
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(pre * (1 / math.sqrt(2))))
+        pdf = torch.exp(-0.5 * pre * pre) * (1 / math.sqrt(2 * math.pi))
+        return grad * (cdf + pre * pdf)
+    return grad
+
+
+# -- forward and hand-derived backward ----------------------------------------------------------------------------
+class Grads(NamedTuple):
+    """Per-instance loss and the gradient of the summed (alive) loss for every parameter."""
+
+    loss: Float[Tensor, " inst"]
+    grads: dict[str, Tensor]
+
+
+class Forward(NamedTuple):
+    """What the backward pass needs: the loss, its gradient at the model's output (before any output ReLU) and
+    the saved activations. The compiled engine stores these between two graphs, so products that read them
+    several times read memory instead of recomputing them."""
+
+    loss: Float[Tensor, " inst"]
+    grad_out: Float[Tensor, "inst feats batch"]
+    saved: tuple[Tensor, ...]
+
+
+def _loss_grad(cfg: FastConfig, out: Tensor, y: Tensor, importance: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-instance loss mean_{feats,batch} I (y - out)^2 (or |.|) and its gradient w.r.t. out (dead instances: 0)."""
+    err = out - y
+    count = out.shape[1] * out.shape[2]
+    imp = importance[:, :, None].to(out.dtype)
+    scale = alive.to(out.dtype)[:, None, None] / count
+    if cfg.loss == "l2":
+        loss = (imp * err * err).float().sum(dim=(1, 2))
+        dout = (2 * scale) * imp * err
+    else:
+        loss = (imp * err.abs()).float().sum(dim=(1, 2))
+        dout = scale * imp * torch.sign(err)
+    return loss / count, dout
+
+
+def _decoder(cfg: FastConfig, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    enc = params["W"] if cfg.tied else params["W1"]  # (inst, hidden, feats)
+    dec = params["W"].transpose(-1, -2) if cfg.tied else params["W2"]  # (inst, feats, hidden)
+    return enc, dec
+
+
+def forward(
+    cfg: FastConfig,
+    params: dict[str, Tensor],
+    x: Float[Tensor, "inst feats batch"],
+    y: Float[Tensor, "inst feats batch"],
+    importance: Float[Tensor, "inst feats"],
+    alive: Float[Tensor, " inst"],
+    relu_out: Tensor,
+    w_e: Tensor | None = None,
+) -> Forward:
+    """Forward pass, per-instance loss and the loss gradient at the output, feature-major."""
+    if cfg.kind == "residual-mlp":
+        return _residual_forward(cfg, params, x, y, importance, alive, w_e)
+    enc, dec = _decoder(cfg, params)
+    pre_h = _mm(enc, x)  # (inst, hidden, batch)
+    if cfg.bias_hidden:
+        pre_h = pre_h + params["b_hidden"][:, :, None]
+    h = _act(cfg.activations[0], pre_h) if cfg.kind in ("neuron", "mlp") else pre_h
+    pre_o = _mm(dec, h)  # (inst, feats, batch)
+    if cfg.bias_out:
+        pre_o = pre_o + params["b_final"][:, :, None]
+    if cfg.kind == "linear":
+        out = pre_o
+    elif cfg.all_relu_out:
+        out = torch.relu(pre_o)
+    else:
+        out = torch.where(relu_out[:, None, None], torch.relu(pre_o), pre_o)
+    loss, dout = _loss_grad(cfg, out, y, importance, alive)
+    if cfg.kind == "linear":
+        dpre_o = dout
+    elif cfg.all_relu_out:
+        dpre_o = torch.where(pre_o > 0, dout, 0.0)
+    else:
+        dpre_o = torch.where(relu_out[:, None, None] & (pre_o <= 0), 0.0, dout)
+    return Forward(loss, dpre_o, (pre_h,))
+
+
+def backward(
+    cfg: FastConfig,
+    params: dict[str, Tensor],
+    x: Float[Tensor, "inst feats batch"],
+    fwd: Forward,
+    w_e: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Hand-derived gradients of sum_i alive_i * loss_i for every parameter, from :func:`forward`'s result."""
+    if cfg.kind == "residual-mlp":
+        return _residual_backward(cfg, params, fwd, w_e)
+    enc, dec = _decoder(cfg, params)
+    dpre_o, (pre_h,) = fwd.grad_out, fwd.saved
+    neurons = cfg.kind in ("neuron", "mlp")
+    h = _act(cfg.activations[0], pre_h) if neurons else pre_h
+    grads: dict[str, Tensor] = {}
+    d_dec = _mm(dpre_o, h.transpose(-1, -2))  # (inst, feats, hidden)
+    dh = _mm(dec.transpose(-1, -2), dpre_o)  # (inst, hidden, batch)
+    dpre_h = _act_grad(cfg.activations[0], pre_h, dh) if neurons else dh
+    d_enc = _mm(dpre_h, x.transpose(-1, -2))  # (inst, hidden, feats)
+    if cfg.tied:
+        grads["W"] = d_enc + d_dec.transpose(-1, -2)
+    else:
+        grads["W1"] = d_enc
+        grads["W2"] = d_dec
+    if cfg.bias_hidden:
+        grads["b_hidden"] = dpre_h.sum(-1)
+    if cfg.bias_out:
+        grads["b_final"] = dpre_o.sum(-1)
+    return grads
+
+
+def loss_and_grads(
+    cfg: FastConfig,
+    params: dict[str, Tensor],
+    x: Float[Tensor, "inst feats batch"],
+    y: Float[Tensor, "inst feats batch"],
+    importance: Float[Tensor, "inst feats"],
+    alive: Float[Tensor, " inst"],
+    relu_out: Tensor,
+    w_e: Tensor | None = None,
+) -> Grads:
+    """Forward pass and hand-derived gradients of sum_i alive_i * loss_i for every model kind (feature-major)."""
+    fwd = forward(cfg, params, x, y, importance, alive, relu_out, w_e)
+    return Grads(fwd.loss, backward(cfg, params, x, fwd, w_e))
+
+
+def _residual_forward(
+    cfg: FastConfig,
+    params: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    importance: Tensor,
+    alive: Tensor,
+    w_e: Tensor | None,
+) -> Forward:
+    """Residual MLP in coefficient space: the stream is basis^T @ coef with few known basis rows.
+
+    r_0 = x W_E is held as (coef = x, basis = W_E); each layer appends its activations to coef and its output
+    directions (W_out columns, b_out) to basis. Every batch-sized product then runs in (feats + layers * neurons)
+    space; only (rows, d_embed) products touch d_embed. The backward retraces the same bookkeeping.
+    """
+    assert w_e is not None
+    coef, basis = x, w_e  # (inst, k, batch), (inst, k, embed)
+    saved: list[Tensor] = []
+    for layer, act in enumerate(cfg.activations):
+        w_in = params["W_in"][:, layer]  # (inst, hidden, embed)
+        proj = torch.matmul(basis, w_in.transpose(-1, -2))  # (inst, k, hidden)
+        pre = _mm(proj.transpose(-1, -2), coef)  # (inst, hidden, batch)
+        if cfg.bias_hidden:
+            pre = pre + params["b_in"][:, layer, :, None]
+        a = _act(act, pre)
+        rows = params["W_out"][:, layer].transpose(-1, -2)  # (inst, hidden, embed)
+        if cfg.bias_out:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+            rows = torch.cat([rows, params["b_out"][:, layer, None, :]], dim=1)
+        saved += [coef, basis, proj, pre]
+        if cfg.skip:
+            coef, basis = torch.cat([coef, a], dim=1), torch.cat([basis, rows], dim=1)
+        else:
+            coef, basis = a, rows
+    readout = torch.matmul(basis, w_e.transpose(-1, -2))  # (inst, k, feats)
+    out = _mm(readout.transpose(-1, -2), coef)  # (inst, feats, batch)
+    loss, dout = _loss_grad(cfg, out, y, importance, alive)
+    return Forward(loss, dout, (coef, readout, *saved))
+
+
+def _residual_backward(
+    cfg: FastConfig, params: dict[str, Tensor], fwd: Forward, w_e: Tensor | None
+) -> dict[str, Tensor]:
+    assert w_e is not None
+    dout, (coef, readout, *saved) = fwd.grad_out, fwd.saved
+    d_coef = _mm(readout, dout)  # (inst, k, batch)
+    d_basis = torch.matmul(_mm(coef, dout.transpose(-1, -2)), w_e)  # (inst, k, embed)
+    g_in, g_out, g_bin, g_bout = [], [], [], []
+    for layer in reversed(range(len(cfg.activations))):
+        coef_l, basis_l, proj, pre = saved[4 * layer : 4 * layer + 4]
+        k_prev = coef_l.shape[1] if cfg.skip else 0
+        h = pre.shape[1]
+        da, d_rows = d_coef[:, k_prev : k_prev + h], d_basis[:, k_prev:]
+        g_out.append(d_rows[:, :h].transpose(-1, -2))  # (inst, embed, hidden)
+        if cfg.bias_out:
+            g_bout.append(d_rows[:, h])
+        dpre = _act_grad(cfg.activations[layer], pre, da)
+        if cfg.bias_hidden:
+            g_bin.append(dpre.sum(-1))
+        d_proj = _mm(coef_l, dpre.transpose(-1, -2))  # (inst, k, hidden)
+        g_in.append(torch.matmul(d_proj.transpose(-1, -2), basis_l))  # (inst, hidden, embed)
+        d_coef_l = _mm(proj, dpre)  # (inst, k, batch)
+        d_basis_l = torch.matmul(d_proj, params["W_in"][:, layer])  # (inst, k, embed)
+        if cfg.skip:
+            d_coef_l = d_coef_l + d_coef[:, :k_prev]
+            d_basis_l = d_basis_l + d_basis[:, :k_prev]
+        d_coef, d_basis = d_coef_l, d_basis_l
+    grads = {"W_in": torch.stack(g_in[::-1], dim=1), "W_out": torch.stack(g_out[::-1], dim=1)}
+    if cfg.bias_hidden:
+        grads["b_in"] = torch.stack(g_bin[::-1], dim=1)
+    if cfg.bias_out:
+        grads["b_out"] = torch.stack(g_bout[::-1], dim=1)
+    return grads
+
+
+# -- optimiser ----------------------------------------------------------------------------------------------------
+def schedule_multiplier(cfg: FastConfig, step: Tensor) -> Tensor:
+    """The learning-rate factor of a 0-based step, on the device (same values as train.lr_multiplier)."""
+    t = step.to(torch.float64)
+    if cfg.schedule == "constant":
+        return torch.ones_like(t)
+    if cfg.schedule == "linear":
+        return 1.0 - t / cfg.steps
+    if cfg.schedule == "cosine":
+        return torch.cos(t * (math.pi / (2 * max(cfg.steps - 1, 1))))
+    warm = max(cfg.warmup_steps, 1)
+    span = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    cos = 0.5 * (1 + torch.cos((t - cfg.warmup_steps) * (math.pi / span)))
+    return torch.where(t < cfg.warmup_steps, (t + 1) / warm, cos)
+
+
+def adam_update_(
+    params: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    exp_avg: dict[str, Tensor],
+    exp_avg_sq: dict[str, Tensor],
+    step: Tensor,
+    lr: Float[Tensor, " inst"],
+    weight_decay: Float[Tensor, " inst"],
+    decoupled: bool,
+) -> None:
+    """One Adam/AdamW update in place (torch.optim.Adam's formula); ``step`` is the 0-based step being taken.
+
+    ``lr`` already carries the schedule. Bias corrections are computed in float64 from the step counter.
+    The update math runs in float32 for every parameter dtype and is rounded once on store.
+    """
+    b1, b2 = ADAM_BETAS
+    n = step.to(torch.float64) + 1
+    bc1 = 1 - torch.pow(b1, n)
+    bc2_sqrt = torch.sqrt(1 - torch.pow(b2, n))
+    step_size = (lr.to(torch.float64) / bc1).to(torch.float32)
+    inv_bc2 = (1 / bc2_sqrt).to(torch.float32)
+    lr32 = lr.to(torch.float32)
+    for name, p in params.items():
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        g = grads[name].to(torch.float32)
+        p32 = p.to(torch.float32)
+        wd = weight_decay.view(shape).to(torch.float32)
+        if decoupled:
+            p32 = p32 * (1 - lr32.view(shape) * wd)
+        else:
+            g = g + wd * p32
+        m = exp_avg[name].to(torch.float32)
+        v = exp_avg_sq[name].to(torch.float32)
+        m = torch.lerp(m, g, 1 - b1)
+        v = v * b2 + (1 - b2) * g * g
+        denom = torch.sqrt(v) * inv_bc2 + ADAM_EPS
+        p32 = p32 - step_size.view(shape) * m / denom
+        exp_avg[name].copy_(m)
+        exp_avg_sq[name].copy_(v)
+        p.copy_(p32)
+
+
+# -- the whole step -----------------------------------------------------------------------------------------------
+def forward_step(cfg: FastConfig, params: dict[str, Tensor], tensors: dict[str, Tensor], x: Tensor) -> Forward:
+    """The forward half of a step on a drawn batch: loss, output gradient, saved activations."""
+    y = target(cfg, x, tensors["residual_factor"])
+    return forward(cfg, params, x, y, tensors["importance"], tensors["alive"], tensors["relu_out"], tensors.get("W_E"))
+
+
+def update_step(
+    cfg: FastConfig,
+    params: dict[str, Tensor],
+    exp_avg: dict[str, Tensor],
+    exp_avg_sq: dict[str, Tensor],
+    step: Tensor,
+    tensors: dict[str, Tensor],
+    x: Tensor,
+    fwd: Forward,
+) -> None:
+    """The second half: gradients from the forward result, then Adam in place, then ``step += 1``."""
+    grads = backward(cfg, params, x, fwd, tensors.get("W_E"))
+    lr = tensors["lr"].to(torch.float64) * schedule_multiplier(cfg, step)
+    adam_update_(params, grads, exp_avg, exp_avg_sq, step, lr, tensors["weight_decay"], cfg.decoupled)
+    step.add_(1)
+
+
+def train_step(
+    cfg: FastConfig,
+    params: dict[str, Tensor],
+    exp_avg: dict[str, Tensor],
+    exp_avg_sq: dict[str, Tensor],
+    step: Tensor,
+    tensors: dict[str, Tensor],
+) -> Float[Tensor, " inst"]:
+    """One whole step in place: sample, forward, backward, Adam; increments ``step``; returns the per-instance loss.
+
+    ``tensors`` holds probability, importance, lr, weight_decay, residual_factor, alive, relu_out (and W_E).
+    """
+    x = sample(cfg, tensors["probability"], step, next(iter(params.values())).dtype)
+    fwd = forward_step(cfg, params, tensors, x)
+    update_step(cfg, params, exp_avg, exp_avg_sq, step, tensors, x, fwd)
+    return fwd.loss
+
+
+def compiled_threads(spec: Experiment) -> int:
+    """Threads for the compiled CPU loops: one for small steps (a parallel region's barriers cost more than they
+    save there, and far more on a busy machine), all of torch's threads for large ones."""
+    elements = spec.n_instances * spec.model.n_features * spec.train.batch_size
+    return 1 if elements < PARALLEL_ELEMENTS else 0
+
+
+class FastStepper:
+    """Runs :func:`train_step` compiled (and on CUDA replayed as one captured graph) against a TrainState.
+
+    The stepper reads the state's tensors at every call, so checkpoint loads and dropped instances (which the
+    state applies in place) are seen. ``compile=False`` runs the same functions eagerly (tests, no compiler).
+    """
+
+    def __init__(self, spec: Experiment, *, compile: bool = True, cuda_graph: bool = True, threads: int | None = None):
+        self.cfg = fast_config(spec)
+        self.compile = compile
+        self.cuda_graph = cuda_graph
+        self.threads = threads if threads is not None else compiled_threads(spec)
+        self.compile_seconds = 0.0
+        self._fn = None
+        self._graph = None
+        self._graph_key: tuple[int, ...] | None = None
+        self._graph_loss: Tensor | None = None
+        self._step: Tensor | None = None
+        self._graph_step = -1
+        self._calls = 0
+
+    def _function(self):
+        if self._fn is None:
+            cfg = self.cfg
+            if not self.compile:
+
+                def step_fn(params, exp_avg, exp_avg_sq, step, tensors):
+                    return train_step(cfg, params, exp_avg, exp_avg_sq, step, tensors)
+
+                self._fn = step_fn
+                return step_fn
+
+            def draw(probability, step, dtype):
+                return sample(cfg, probability, step, dtype)
+
+            def fwd_fn(params, tensors, x):
+                return tuple(forward_step(cfg, params, tensors, x))
+
+            def upd_fn(params, exp_avg, exp_avg_sq, step, tensors, x, loss, grad_out, saved):
+                update_step(cfg, params, exp_avg, exp_avg_sq, step, tensors, x, Forward(loss, grad_out, saved))
+
+            # Three graphs, so that the batch, the output gradient and the activations are stored once: inside one
+            # graph the compiler inlines them into every product that reads them, recomputing them many times.
+            opts = {"cpp.threads": self.threads} if self.threads else {}
+            draw_c, fwd_c, upd_c = (
+                torch.compile(f, fullgraph=True, dynamic=False, options=opts) for f in (draw, fwd_fn, upd_fn)
+            )
+
+            def compiled(params, exp_avg, exp_avg_sq, step, tensors):
+                x = draw_c(tensors["probability"], step, next(iter(params.values())).dtype)
+                loss, grad_out, saved = fwd_c(params, tensors, x)
+                upd_c(params, exp_avg, exp_avg_sq, step, tensors, x, loss, grad_out, saved)
+                return loss
+
+            self._fn = compiled
+        return self._fn
+
+    def __call__(
+        self,
+        params: dict[str, Tensor],
+        exp_avg: dict[str, Tensor],
+        exp_avg_sq: dict[str, Tensor],
+        step: int,
+        tensors: dict[str, Tensor],
+    ) -> Float[Tensor, " inst"]:
+        """Take the step numbered ``step`` (0-based) in place; returns the per-instance loss."""
+        device = next(iter(params.values())).device
+        if self._step is None or self._step.device != device:
+            self._step = torch.zeros((), dtype=torch.int64, device=device)
+        with torch.no_grad():
+            if self._graph is not None and self._key(params, exp_avg, exp_avg_sq, tensors) == self._graph_key:
+                if self._graph_step != step:
+                    self._step.fill_(step)
+                self._graph.replay()
+                self._graph_step = step + 1
+                return self._graph_loss
+            fn = self._function()
+            self._step.fill_(step)
+            start = time.perf_counter()
+            loss = fn(params, exp_avg, exp_avg_sq, self._step, tensors)
+            if not self._calls and self.compile:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                self.compile_seconds = time.perf_counter() - start
+            self._calls += 1
+            if device.type == "cuda" and self.cuda_graph and self.compile:
+                self._capture(params, exp_avg, exp_avg_sq, tensors, step + 1)
+            return loss
+
+    @staticmethod
+    def _key(params, exp_avg, exp_avg_sq, tensors) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for d in (params, exp_avg, exp_avg_sq, tensors) for t in d.values())
+
+    def _capture(self, params, exp_avg, exp_avg_sq, tensors, next_step: int) -> None:
+        """Record one compiled step as a CUDA graph (its kernels do not run while recorded)."""
+        try:
+            fn = self._function()
+            graph = torch.cuda.CUDAGraph()
+            # Warm the compiled function on a side stream on copies, so the state is not advanced.
+            copies = [{k: v.clone() for k, v in d.items()} for d in (params, exp_avg, exp_avg_sq)]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                scratch = self._step.clone()
+                fn(*copies, scratch, tensors)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                loss = fn(params, exp_avg, exp_avg_sq, self._step, tensors)
+            self._graph, self._graph_loss = graph, loss
+            self._graph_key = self._key(params, exp_avg, exp_avg_sq, tensors)
+            self._graph_step = next_step
+            self._step.fill_(next_step)
+        except Exception:  # noqa: BLE001 - graphs are an optimisation: keep the plain compiled step
+            self.cuda_graph = False
+            self._graph = None
+            self._step.fill_(next_step)
