@@ -248,10 +248,12 @@ def _memory(fn, device: torch.device) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    # Allocations are charged to the op that made them (self bytes, so nested ops are not counted twice), frees
+    # appear as "[memory]" events with negative bytes: replayed in time order they give the live bytes.
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, delta in changes:
+        live += delta
         peak = max(peak, live)
     return peak / 2**20
 
