@@ -101,6 +101,18 @@ def harness(tmp_path, capsys, monkeypatch):
     return Harness(tmp_path, capsys, monkeypatch)
 
 
+@pytest.fixture(scope="module")
+def sae_run(tmp_path_factory) -> Path | None:
+    """A tiny finished run for the commands that need one (only built when the sae command exists)."""
+    if "sae" not in COMMANDS:
+        return None
+    from superposition.runs import run
+
+    out = tmp_path_factory.mktemp("sae-run") / "r"
+    run(S.parse_spec({**BASE, "train": {"steps": 3, "batch_size": 4, "eval_batch": 4}}), out)
+    return out
+
+
 def _with(raw: dict, path: str, value) -> dict:
     """A deep copy of raw with the dotted path set to value (sections created as needed)."""
     out = json.loads(json.dumps(raw))
@@ -298,25 +310,25 @@ def _last(path: str) -> str:
 
 # -- malformed specs ------------------------------------------------------------------------------------------------
 @FUZZ
-@given(case=wrong_type(), via_set=st.booleans())
-def test_wrong_types_are_refused(harness, case, via_set):
+@given(case=wrong_type(), via_set=st.booleans(), command=st.sampled_from(["run", "sweep"]))
+def test_wrong_types_are_refused(harness, case, via_set, command):
     path, value = case
     if via_set and value is not None:  # TOML has no null: nulls go through a JSON file
         spec = harness.write(BASE)
-        argv = ["run", spec, "--set", f"{path}={_toml(value)}", "--quiet"]
+        argv = [command, spec, "--set", f"{path}={_toml(value)}", "--quiet"]
     else:
-        argv = ["run", harness.write(_with(BASE, path, value)), "--quiet"]
+        argv = [command, harness.write(_with(BASE, path, value)), "--quiet"]
     harness.refuses(argv, [_last(path)], test="wrong type")
 
 
 @FUZZ
-@given(case=out_of_range(), via_set=st.booleans())
-def test_out_of_range_values_nan_and_inf_are_refused(harness, case, via_set):
+@given(case=out_of_range(), via_set=st.booleans(), command=st.sampled_from(["run", "sweep"]))
+def test_out_of_range_values_nan_and_inf_are_refused(harness, case, via_set, command):
     path, value = case
     if via_set:
-        argv = ["run", harness.write(BASE), "--set", f"{path}={_toml(value)}", "--quiet", "--out", "o"]
+        argv = [command, harness.write(BASE), "--set", f"{path}={_toml(value)}", "--quiet", "--out", "o"]
     else:
-        argv = ["run", harness.write(_with(BASE, path, value)), "--quiet", "--out", "o"]
+        argv = [command, harness.write(_with(BASE, path, value)), "--quiet", "--out", "o"]
     harness.refuses(argv, [_last(path)], test="out of range")
 
 
@@ -476,13 +488,14 @@ def _params(command: str) -> list[list[str]]:
             st.sampled_from(["model", "data", "task", "train"]), st.from_regex(r"zz[a-z]{0,6}", fullmatch=True), _ARG
         ).map(lambda t: f"{t[0]}.{t[1]}={t[2]}"),
     ),
-    command=st.sampled_from(["run", "sweep"]),
+    command=st.sampled_from([c for c in ("run", "sweep", "sae") if c in COMMANDS]),
 )
-def test_malformed_set_is_refused(harness, item, command):
-    spec = harness.write(BASE)
+def test_malformed_set_is_refused(harness, sae_run, item, command):
+    # `sae RUN --set` overrides SAE fields: it needs a run folder, and names the section it refuses.
+    target = sae_run if command == "sae" else harness.write(BASE)
     key = item.partition("=")[0].strip()
-    names = ["--set", key.split(".")[-1], key]
-    harness.refuses([command, spec, "--set", item, "--quiet"], names, test="--set")
+    names = ["--set", key.split(".")[-1], key, key.split(".")[0]]
+    harness.refuses([command, target, "--set", item, "--quiet"], names, test="--set")
 
 
 @FUZZ

@@ -225,8 +225,7 @@ def save_run(run: Run, out: str | Path, *, overwrite: bool = False) -> Path:
     if out.exists() and not overwrite:
         raise SpecError(f"{out}: already exists (pass --overwrite to replace it)")
     partial = partial_dir(out)
-    if partial.exists():
-        shutil.rmtree(partial)
+    _remove_dir(partial)
     partial.mkdir(parents=True)
     _write_run_files(partial, run)
     _publish(partial, out, overwrite)
@@ -254,12 +253,22 @@ def _checkpoint_step(partial: Path) -> int | None:
         raise RunFormatError(f"{ckpt}: the checkpoint has no step") from None
 
 
+def _remove_dir(folder: Path) -> None:
+    """Remove a folder so that it vanishes at once: renamed aside first, then deleted (a kill leaves only trash)."""
+    if not folder.exists():
+        return
+    trash = folder.with_name(folder.name + ".trash")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
 def _fresh_partial(partial: Path, spec_text: str) -> None:
     """An empty ``.NAME.partial`` holding only spec.json; staged and renamed, so it never exists without it."""
     staging = partial.with_name(partial.name + ".new")
     for stale in (partial, staging):
-        if stale.exists():
-            shutil.rmtree(stale)
+        _remove_dir(stale)
     staging.mkdir(parents=True)
     _atomic_write_bytes(staging / SPEC_MARKER, spec_text.encode())
     os.replace(staging, partial)
@@ -306,8 +315,8 @@ def run(
         raise SpecError(f"{out}: already exists (pass --overwrite to replace it)")
     partial = partial_dir(out)
     spec_text = _spec_text(spec)
-    if resume and (partial / CONFIG).is_file():
-        # Killed while publishing: the partial folder is a complete run; finish the rename.
+    if resume and all((partial / name).is_file() for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES, REPORT)):
+        # Killed while publishing: the partial folder is a complete run (config.json is written last); finish it.
         if _spec_text(partial_spec(out)) != spec_text:
             raise SpecError(f"{out}: the interrupted run was started with a different spec; cannot resume")
         _publish(partial, out, overwrite)
@@ -332,7 +341,7 @@ def run(
     try:
         trained = train_model(state, progress=progress, checkpoint=lambda s: _save_checkpoint(partial, s))
     except TrainingDiverged:
-        shutil.rmtree(partial, ignore_errors=True)  # resuming would diverge again at the same step
+        _remove_dir(partial)  # resuming would diverge again at the same step
         raise
     result = _finish(state, trained.seconds)
     _write_run_files(partial, result)
