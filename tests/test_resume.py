@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from superposition.cli import main
 from superposition.runs import load_run, partial_dir, read_safetensors_header
 
+ENGINES = ("eager", "fast", "fast-uncompiled")
 RUN_FILES = {"config.json", "model.safetensors", "history.parquet", "instances.parquet", "report.html"}
 
 SPEC_TOML = """
@@ -260,7 +261,7 @@ def _trial(env: dict, i: int, *, hook=None, kill_after=None, overwrite=False, vi
     assert {p.name for p in out.iterdir()} == RUN_FILES
     assert _same_run(out, root / "reference"), f"trial {i}: the resumed run differs"
     loaded = load_run(out)
-    assert loaded.meta["torch_version"] == torch.__version__ and loaded.meta["engine"] == "eager"
+    assert loaded.meta["torch_version"] == torch.__version__ and loaded.meta["engine"] in ENGINES
     hidden = {p.name for p in trial.iterdir() if p.name.startswith(".")}
     assert hidden <= {".k.old"}, hidden  # only a kill inside the final clean-up of an overwrite leaves .k.old
     shutil.rmtree(trial)
@@ -413,7 +414,7 @@ def test_same_spec_and_seed_give_identical_files(tmp_path, small_toml):
     ca.pop("train_seconds"), cb.pop("train_seconds")
     assert ca == cb
     assert {"torch_version", "device", "engine", "device_name", "python_version", "platform"} <= ca.keys()
-    assert ca["torch_version"] == torch.__version__ and ca["device"] == "cpu" and ca["engine"] == "eager"
+    assert ca["torch_version"] == torch.__version__ and ca["device"] == "cpu" and ca["engine"] in ENGINES
     # A different seed gives different weights (the comparison above is not vacuous).
     assert main(["run", str(small_toml), "--out", str(tmp_path / "c"), "--set", "seed=4", "--quiet"]) == 0
     assert (tmp_path / "c" / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
