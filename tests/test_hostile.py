@@ -28,11 +28,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from superposition.cli import main
+from superposition.cli import app, main
 from superposition.report import render_run
 from superposition.runs import RunFormatError, load_run, read_safetensors_header, run
 from superposition.spec import parse_spec
 
+COMMANDS = {c.name or c.callback.__name__ for c in app.registered_commands}
 TINY = {
     "model": {"kind": "relu-output", "n_features": 5, "d_hidden": 2},
     "data": {"feature_probability": 0.2},
@@ -267,7 +268,8 @@ def test_tampered_folder_is_refused_in_one_error(good_run, tmp_path, capsys, tam
     assert needle in message and len(message.splitlines()) == 1, message
     # The commands that open runs: one line, exit 2, nothing written into the folder.
     before = _digest(folder)
-    for argv in (["report", folder], ["plot", folder, "list"]):
+    opening = [["report", folder], ["plot", folder, "list"]] + ([["sae", folder]] if "sae" in COMMANDS else [])
+    for argv in opening:
         capsys.readouterr()
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
