@@ -505,3 +505,19 @@ def test_instances_train_independently():
     gb = torch.autograd.grad(b.loss(h[:, :1]).total.sum(), b.W_enc)[0]
     torch.testing.assert_close(ga[:1], gb)
     assert np.isfinite(ga.numpy()).all()
+
+
+def test_run_with_sae_section_trains_the_saes_after_the_model(tmp_path):
+    spec_file = tmp_path / "exp.toml"
+    spec_file.write_text(
+        "name = 'with-sae'\n[model]\nn_features = 5\nd_hidden = 2\n[data]\nfeature_probability = 0.1\n"
+        "[train]\nsteps = 5\nbatch_size = 32\neval_batch = 64\n[instances]\nseed = [0, 1]\n"
+        "[sae]\narchitecture = ['topk', 'jumprelu']\nk = [1, 2]\nsteps = 10\nbatch_size = 32\neval_batch = 128\n"
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(spec_file), "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in (out / "sae").iterdir()) == ["jumprelu", "topk"]
+    assert load_sae(out / "sae" / "topk").scores["sparsity"].tolist() == [1.0, 2.0, 1.0, 2.0]
+    page = (out / "report.html").read_text()
+    assert "SAE topk: topk" in page and "SAE architectures: recovery vs L0" in page
+    assert load_run(out).spec.sae.architectures == ["topk", "jumprelu"]
