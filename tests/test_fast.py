@@ -403,7 +403,16 @@ def _run_steps(state: TrainState, n: int) -> list[torch.Tensor]:
     return [state.train_step().clone() for _ in range(n)]
 
 
+# Importing Inductor warns about torch.jit internals, and on CUDA it suggests TF32: torch's warnings, not ours.
+TORCH_COMPILE_WARNINGS = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+
 @pytest.mark.slow
+@TORCH_COMPILE_WARNINGS[0]
+@TORCH_COMPILE_WARNINGS[1]
 def test_compiled_step_equals_uncompiled_and_resumes_bit_identically():
     if not fast.compile_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
@@ -425,6 +434,8 @@ def test_compiled_step_equals_uncompiled_and_resumes_bit_identically():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@TORCH_COMPILE_WARNINGS[0]
+@TORCH_COMPILE_WARNINGS[1]
 @pytest.mark.parametrize("name", ["relu-output", "untied-biases", "residual-skip"])
 def test_cuda_fast_engine_matches_cpu_and_resumes(name):
     model, task = MODELS[name]

@@ -280,7 +280,8 @@ class TrainState:
         if self.history:
             out["history.steps"] = torch.tensor([s for s, _ in self.history], dtype=torch.int64)
             out["history.loss"] = torch.tensor(np.stack([v for _, v in self.history]))
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        # Copies, not views: the live tensors go on changing in place after a checkpoint is taken.
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
     def load_tensors_(self, tensors: dict[str, Tensor], step: int) -> None:
         """Restore a state written by :meth:`tensors`."""
