@@ -364,6 +364,26 @@ def test_fast_resume_is_bit_identical(tmp_path, no_compiler, one_thread, monkeyp
     pd.testing.assert_frame_equal(resumed.history, straight.history)
 
 
+def test_compile_failure_falls_back_to_the_same_step_uncompiled(monkeypatch, one_thread):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no working compiler\nsecond line")
+
+        return run
+
+    spec = _spec({"n_features": 5, "d_hidden": 2}, train={"engine": "fast", "steps": 12}, instances={"seed": [0, 1]})
+    monkeypatch.setattr(fast, "compile_available", lambda device: True)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    state = TrainState.create(spec)
+    assert state.engine == "fast"
+    train_model(state)
+    assert state.engine == "fast-uncompiled" and "no working compiler" in state.engine_reason
+    plain = TrainState.create(spec)
+    plain.fast = fast.FastStepper(spec, compile=False)
+    train_model(plain)
+    assert torch.equal(state.model.W, plain.model.W)
+
+
 def test_fast_drop_masks_diverged_instance(no_compiler, one_thread):
     spec = _spec(
         {"n_features": 5, "d_hidden": 2},

@@ -28,6 +28,7 @@ import math
 import shutil
 import time
 import types
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -713,6 +714,7 @@ class FastStepper:
         self._device_step = -1
         self._calls = 0
         self.graphs: tuple = ()
+        self.fallback = ""  # why compiling failed, when it did
 
     def _function(self):
         if self._fn is None:
@@ -775,7 +777,10 @@ class FastStepper:
             if self._device_step != step:  # the device counter already holds ``step`` after a step in sequence
                 self._step.fill_(step)
             start = time.perf_counter()
-            loss = fn(params, exp_avg, exp_avg_sq, self._step, tensors)
+            if self._calls or not self.compile:
+                loss = fn(params, exp_avg, exp_avg_sq, self._step, tensors)
+            else:
+                loss = self._first_compiled_call(fn, params, exp_avg, exp_avg_sq, tensors)
             self._device_step = step + 1
             if not self._calls and self.compile:
                 if device.type == "cuda":
@@ -785,6 +790,23 @@ class FastStepper:
             if device.type == "cuda" and self.cuda_graph and self.compile:
                 self._capture(params, exp_avg, exp_avg_sq, tensors, step + 1)
             return loss
+
+    def _first_compiled_call(self, fn, params, exp_avg, exp_avg_sq, tensors) -> Tensor:
+        """Compile and take the first step; if compiling fails, go on with the same functions uncompiled.
+
+        Nothing is written before the last graph runs, so a failure leaves the state as it was. Importing the
+        compiler raises torch-internal DeprecationWarnings (and it gives tuning hints as UserWarnings), which must
+        not fail a caller that treats warnings as errors.
+        """
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", UserWarning)  # the compiler's tuning hints (e.g. TF32 on CUDA)
+                return fn(params, exp_avg, exp_avg_sq, self._step, tensors)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the uncompiled step is the same math
+            self.fallback = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            self.compile, self._fn = False, None
+            return self._function()(params, exp_avg, exp_avg_sq, self._step, tensors)
 
     @staticmethod
     def _key(params, exp_avg, exp_avg_sq, tensors) -> tuple[int, ...]:

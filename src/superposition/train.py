@@ -251,6 +251,8 @@ class TrainState:
         if self.spec.model.kind == "residual-mlp":
             tensors["W_E"] = self.model.W_E
         loss = self.fast(params, self.adam.exp_avg, self.adam.exp_avg_sq, self.step, tensors)
+        if self.engine == "fast" and not self.fast.compile:
+            self.engine, self.engine_reason = "fast-uncompiled", f"torch.compile failed ({self.fast.fallback})"
         self.step += 1
         self.adam.step = self.step
         return loss
