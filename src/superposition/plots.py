@@ -1393,9 +1393,12 @@ def sae_pareto(
     curve: str = "curve",
     label: str = "label",
     title: str = "SAE recovery against sparsity (L0), one curve per architecture",
+    reference_x: float | None = None,
+    reference_name: str = "true L0",
 ) -> go.Figure:
     """One panel per score in ``ys`` against ``x``: a curve per value of the ``curve`` column (architecture and
-    resampling), its points the sparsity settings (labelled by the ``label`` column), sorted along x.
+    resampling), its points the sparsity settings (labelled by the ``label`` column), sorted along x. The x axis is
+    logarithmic when every x is positive; ``reference_x`` draws a dotted vertical line (e.g. the data's true L0).
 
     Traces: one per curve per panel; the legend toggles a curve in every panel.
     """
@@ -1426,7 +1429,28 @@ def sae_pareto(
                 row=1,
                 col=p + 1,
             )
-    fig.update_xaxes(title_text=_esc(_SAE_AXIS.get(x, x)))
+    log_x = bool((table[x].to_numpy(dtype=np.float64) > 0).all())
+    fig.update_xaxes(title_text=_esc(_SAE_AXIS.get(x, x) + (" (log scale)" if log_x else "")))
+    if log_x:
+        fig.update_xaxes(type="log")
+    if reference_x is not None and np.isfinite(reference_x) and (reference_x > 0 or not log_x):
+        for p, y in enumerate(ys):  # a two-point line spanning the panel's data (shapes misplace on log axes)
+            values = table[y].to_numpy(dtype=np.float64)
+            lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+            fig.add_trace(
+                go.Scatter(
+                    x=[reference_x, reference_x],
+                    y=[lo, hi],
+                    mode="lines",
+                    line=dict(color="#555", dash="dot", width=1.5),
+                    name=_esc(reference_name),
+                    legendgroup="reference",
+                    showlegend=p == 0,
+                    hoverinfo="skip",
+                ),
+                row=1,
+                col=p + 1,
+            )
     return _finish(fig, title, height=460, legend=dict(orientation="h", y=-0.25))
 
 

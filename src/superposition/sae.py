@@ -631,6 +631,7 @@ def score_sae(sae: SparseAutoencoder, toy: ToyModel, run_spec: Experiment, spec:
     h_sq = torch.zeros(inst, dtype=f64, device=dev)
     norm_rec = torch.zeros((inst, m), dtype=f64, device=dev)
     norm_true = torch.zeros(inst, dtype=f64, device=dev)
+    true_active = torch.zeros(inst, dtype=f64, device=dev)
     done, n = 0, spec.eval_batch
     chunk = max(1, min(n, EVAL_CHUNK * 64 // max(1, inst * m)))
     while done < n:
@@ -645,6 +646,7 @@ def score_sae(sae: SparseAutoencoder, toy: ToyModel, run_spec: Experiment, spec:
         h_sum += h.double().sum(0)
         h_sq += h.double().square().sum((0, 2))
         on = (x != 0).any(-1).to(f64)  # (batch, inst)
+        true_active += (x != 0).to(f64).sum((0, 2))
         norm_rec += (out.recon.double().norm(dim=-2) * on.T[:, None, :]).sum(-1)
         norm_true += (h.double().norm(dim=-1) * on).sum(0)
         done += b
@@ -696,6 +698,7 @@ def score_sae(sae: SparseAutoencoder, toy: ToyModel, run_spec: Experiment, spec:
             "dead": col((freq == 0).sum(-1)).astype(np.int64),
             "dense": col((freq > spec.dense_threshold).sum(-1)).astype(np.int64),
             "l0": col(l0 / n),
+            "true_l0": np.repeat((true_active / n).cpu().numpy(), m),
             "fvu": col(fvu),
             "mse": col(sq_err / (n * d)),
             "shrinkage": col(shrink),
@@ -969,6 +972,7 @@ SUMMARY_COLUMNS = [
     "dead",
     "dense",
     "l0",
+    "true_l0",
     "fvu",
     "shrinkage",
 ]
@@ -1083,15 +1087,20 @@ def _pareto(scores: pd.DataFrame) -> Any:
     from superposition import plots
 
     summary = summary_table(scores)
-    summary["curve"] = summary["architecture"] + " · resample " + summary["resample_method"]
+    summary["curve"] = summary["architecture"]
+    if summary["resample_method"].nunique() > 1:
+        summary["curve"] = summary["curve"] + " · resample " + summary["resample_method"]
     summary["label"] = [f"{r.sparsity_field}={r.sparsity:g}" for r in summary.itertuples()]
+    true_l0 = float(scores["true_l0"].mean()) if "true_l0" in scores else None
     return plots.sae_pareto(
         summary,
         x="l0",
         ys=["mmcs_features", "recovered_99", "fvu"],
         curve="curve",
         label="label",
-        title="Recovery vs L0 (mean over instances; one point per sparsity setting)",
+        title="Recovery vs L0 (mean over instances; one point per sparsity setting; dotted: active true features)",
+        reference_x=true_l0,
+        reference_name=f"true L0 = {true_l0:.3g}" if true_l0 is not None else "true L0",
     )
 
 
