@@ -521,3 +521,10 @@ def test_run_with_sae_section_trains_the_saes_after_the_model(tmp_path):
     page = (out / "report.html").read_text()
     assert "SAE topk: topk" in page and "SAE architectures: recovery vs L0" in page
     assert load_run(out).spec.sae.architectures == ["topk", "jumprelu"]
+
+
+def test_sweep_spec_with_sae_section_is_refused(tmp_path, capsys):
+    assert load_spec("hierarchy").sweep is not None
+    code = main(["run", "hierarchy", "--out", str(tmp_path / "h"), "--set", "sae.steps=5"])
+    assert code == 2 and capsys.readouterr().err.startswith("error: sae: a [sweep] spec cannot train SAEs")
+    assert not (tmp_path / "h").exists()

@@ -98,6 +98,8 @@ def run_cmd(
 
     experiment = _load(spec, set_, quick, device)
     if experiment.sweep is not None:  # a spec with a [sweep] section runs as a sweep (rerunning resumes it)
+        if experiment.sae is not None:
+            raise _Fail("sae: a [sweep] spec cannot train SAEs; run 'superposition sae' on each group run")
         _run_sweep(experiment, out, resume=resume, quiet=quiet)
         return
     target = out if out is not None else _default_folder(experiment.name)
