@@ -100,7 +100,7 @@ CONFIG, WEIGHTS, SCORES, FEATURES, LATENTS, HISTORY, RESAMPLES, REPORT = (
     "report.html",
 )
 FORMAT = "superposition-sae"
-EVAL_CHUNK = 4096
+EVAL_ELEMENTS = 2**24  # largest (inst, sae, d_sae, batch) activation block scored at once
 
 
 class SaeFormatError(SpecError):
@@ -633,7 +633,8 @@ def score_sae(sae: SparseAutoencoder, toy: ToyModel, run_spec: Experiment, spec:
     norm_true = torch.zeros(inst, dtype=f64, device=dev)
     true_active = torch.zeros(inst, dtype=f64, device=dev)
     done, n = 0, spec.eval_batch
-    chunk = max(1, min(n, EVAL_CHUNK * 64 // max(1, inst * m)))
+    # At most 2^18 samples x SAEs and 2^24 activations per chunk (the chunking fixes the evaluation stream).
+    chunk = max(1, min(n, 2**18 // max(1, inst * m), EVAL_ELEMENTS // max(1, inst * m * max(s, d))))
     while done < n:
         b = min(chunk, n - done)
         x = sampler.sample(b, gen)
