@@ -204,7 +204,9 @@ def _publish(partial: Path, out: Path, overwrite: bool) -> None:
     the run files. Between the two renames of an overwrite ``out`` is briefly absent, never half-written; the
     replaced run waits in ``.NAME.old`` until the new one is in place.
     """
-    for leftover in [*partial.glob("*.tmp"), *partial.glob(CHECKPOINT + "*"), partial / SPEC_MARKER]:
+    # ``.tmpXXXXXX`` is what safetensors' own atomic save leaves behind when it is killed mid-write.
+    stray = [*partial.glob("*.tmp"), *partial.glob(".tmp*"), *partial.glob(CHECKPOINT + "*")]
+    for leftover in [*stray, partial / SPEC_MARKER]:
         leftover.unlink(missing_ok=True)
     old = out.parent / f".{out.name}.old"
     if out.exists():
