@@ -321,20 +321,29 @@ def sample(
 
 
 def _tree(cfg: FastConfig, inst: int, bs: int, seed: int, step: Tensor, dev: torch.device) -> Tensor:
-    # One uniform per internal node (2^depth - 1 of them), read level by level.
-    u = uniform((inst, 2**cfg.tree_depth - 1, bs), seed, step, 6, dev)
+    # One uniform per internal node: node k of level l (the root is level 0) reads u[2^l - 1 + k]; its children are
+    # nodes 2k (taken when u < half) and 2k + 1 (half <= u < 2 half) of level l + 1. A feature is on when every
+    # decision on its path from the root chose it, so each feature is an AND of one gathered uniform per ancestor
+    # level: one fused elementwise pass, where building the tree level by level (stack, flatten, cat) does not fuse.
+    depth = cfg.tree_depth
+    u = uniform((inst, 2**depth - 1, bs), seed, step, 6, dev)
     half = 0.25 if cfg.early_stopping else 0.5
-    parent = torch.ones((inst, 1, bs), dtype=torch.bool, device=dev)
-    levels, start = [], 0
-    for level in range(cfg.tree_depth):
-        width = 2**level
-        ul = u[:, start : start + width]
-        start += width
-        a = parent & (ul < half)
-        b = parent & (ul >= half) & (ul < 2 * half)
-        parent = torch.stack([a, b], dim=2).flatten(1, 2)
-        levels.append(parent)
-    return torch.cat(levels, dim=1).float()
+    on = None
+    for m in range(1, depth + 1):  # the decision that picks each feature's ancestor at level m
+        node, upper, used = [], [], []
+        for level in range(1, depth + 1):
+            for k in range(2**level):
+                if level < m:  # a shallower feature has no ancestor at level m: no condition (index 0, unused)
+                    node.append(0), upper.append(False), used.append(False)
+                    continue
+                anc = k >> (level - m)
+                node.append(2 ** (m - 1) - 1 + (anc >> 1)), upper.append(bool(anc & 1)), used.append(True)
+        um = u[:, torch.tensor(node, device=dev)]
+        chosen = torch.where(
+            torch.tensor(upper, device=dev)[:, None], (um >= half) & (um < 2 * half), um < half
+        ) | ~torch.tensor(used, device=dev)[:, None]
+        on = chosen if on is None else on & chosen
+    return on.float()
 
 
 def target(cfg: FastConfig, x: Tensor, residual_factor: Float[Tensor, " inst"]) -> Tensor:
