@@ -457,3 +457,14 @@ def test_cli_sweep_dry_run_run_and_errors(tmp_path, capsys):
         assert main(["sweep", str(spec_file), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_sweep_points_have_no_report_until_asked(tmp_path):
+    """Sweep points are light run folders (no 5 MB report each); `superposition report` adds the page on demand."""
+    out = tmp_path / "sw"
+    _run(_spec({"axes": {"model.d_hidden": [2, 3]}}), out)
+    points = sorted((out / "runs").iterdir())
+    assert [p.name for p in points] == ["g0000", "g0001"]
+    assert not any((p / "report.html").exists() for p in points)
+    assert main(["report", str(points[0])]) == 0
+    assert (points[0] / "report.html").stat().st_size > 1_000_000

@@ -180,8 +180,12 @@ def _config_json(spec: Experiment, meta: dict[str, Any]) -> str:
     return json.dumps({**meta, "spec": spec.model_dump(mode="json")}, indent=2)
 
 
-def _write_run_files(folder: Path, run: Run) -> None:
-    """Write every run file atomically; config.json comes last and marks the folder complete."""
+def _write_run_files(folder: Path, run: Run, report: bool = True) -> None:
+    """Write every run file atomically; config.json comes last and marks the folder complete.
+
+    ``report=False`` leaves out report.html (5 MB, most of it plotly.js): sweep points do, and
+    ``superposition report`` writes it on demand.
+    """
     from superposition.report import render_run
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in run.model.state_dict().items()}
@@ -192,8 +196,8 @@ def _write_run_files(folder: Path, run: Run) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, folder / name)
-    page = render_run(run)
-    _atomic_write_bytes(folder / REPORT, page.encode("utf-8"))
+    if report:
+        _atomic_write_bytes(folder / REPORT, render_run(run).encode("utf-8"))
     _atomic_write_bytes(folder / CONFIG, _config_json(run.spec, run.meta).encode())
 
 
@@ -305,8 +309,11 @@ def run(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = False,
+    report: bool = True,
 ) -> Run:
     """Train and save a run folder at ``out``; with ``resume`` continue an interrupted run from its last checkpoint.
+
+    ``report=False`` writes the run without report.html (sweep points; ``superposition report`` adds it later).
 
     Without ``resume`` an interrupted run of ``out`` (a ``.NAME.partial`` with a checkpoint) is kept and the call
     refused, unless ``overwrite`` asks to start over. A run that diverges (on_divergence = "stop") leaves nothing.
@@ -317,7 +324,7 @@ def run(
         raise SpecError(f"{out}: already exists (pass --overwrite to replace it)")
     partial = partial_dir(out)
     spec_text = _spec_text(spec)
-    if resume and all((partial / name).is_file() for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES, REPORT)):
+    if resume and all((partial / name).is_file() for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES)):
         # Killed while publishing: the partial folder is a complete run (config.json is written last); finish it.
         if _spec_text(partial_spec(out)) != spec_text:
             raise SpecError(f"{out}: the interrupted run was started with a different spec; cannot resume")
@@ -346,7 +353,7 @@ def run(
         _remove_dir(partial)  # resuming would diverge again at the same step
         raise
     result = _finish(state, trained.seconds)
-    _write_run_files(partial, result)
+    _write_run_files(partial, result, report)
     _publish(partial, out, overwrite)
     result.path = out
     return result
