@@ -339,9 +339,10 @@ def _tree(cfg: FastConfig, inst: int, bs: int, seed: int, step: Tensor, dev: tor
                 anc = k >> (level - m)
                 node.append(2 ** (m - 1) - 1 + (anc >> 1)), upper.append(bool(anc & 1)), used.append(True)
         um = u[:, torch.tensor(node, device=dev)]
-        chosen = torch.where(
-            torch.tensor(upper, device=dev)[:, None], (um >= half) & (um < 2 * half), um < half
-        ) | ~torch.tensor(used, device=dev)[:, None]
+        chosen = (
+            torch.where(torch.tensor(upper, device=dev)[:, None], (um >= half) & (um < 2 * half), um < half)
+            | ~torch.tensor(used, device=dev)[:, None]
+        )
         on = chosen if on is None else on & chosen
     return on.float()
 
