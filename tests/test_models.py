@@ -86,11 +86,25 @@ def test_notebook_init_uses_whole_tensor_fans():
     assert abs(std - math.sqrt(2 / (2 * 3 + 405 * 3))) < 0.005  # ~0.04, as REFERENCE.md notes
 
 
-def test_kaiming_uniform_bounds():
+def test_kaiming_uniform_matches_torch_per_instance():
+    """W1, W2 follow nn.init.kaiming_uniform_ (a = 0) per instance: U(±sqrt(6 / fan_in)), variance 2 / fan_in."""
     m = build_model(parse_spec({"model": {"kind": "mlp", "n_features": 100, "d_hidden": 40}}))
-    assert m.W1.abs().max() <= 1 / math.sqrt(100)
-    assert m.W2.abs().max() <= 1 / math.sqrt(40)
-    assert m.W1.abs().max() > 0.9 / math.sqrt(100)
+    for w, fan_in in ((m.W1, 100), (m.W2, 40)):
+        bound = math.sqrt(6 / fan_in)
+        assert w.abs().max() <= bound and w.abs().max() > 0.97 * bound
+        # 4000 draws: the sample std of U(-b, b) is within 3% of b / sqrt(3) (its relative s.e. is ~0.7%)
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.03
+    ref = torch.nn.init.kaiming_uniform_(torch.empty(40, 100))
+    assert abs(ref.abs().max().item() - m.W1.abs().max().item()) < 0.01
+
+
+def test_notebook_kaiming_uses_whole_tensor_fans_and_residual_keeps_linear_default():
+    nb = build_model(parse_spec({"model": {"kind": "mlp", "n_features": 10, "d_hidden": 10, "init": "notebook"}}))
+    bound = math.sqrt(6 / (10 * 10))  # torch on a (inst, 10, 10) tensor: fan_in = 10 * 10
+    assert bound * 0.9 < nb.W1.abs().max() <= bound
+    res = build_model(parse_spec({"model": {"kind": "residual-mlp", "n_features": 20, "d_embed": 64, "d_hidden": 8}}))
+    assert 0.95 / math.sqrt(64) < res.W_in.abs().max() <= 1 / math.sqrt(64)  # nn.Linear's a = sqrt(5)
+    assert 0.9 / math.sqrt(8) < res.W_out.abs().max() <= 1 / math.sqrt(8)
 
 
 def test_mixed_linear_and_relu_instances_share_one_model():

@@ -321,7 +321,10 @@ def test_abs_computation_quick():
     # write positively to it (the |x| = ReLU(x) + ReLU(-x) circuit).
     assert dense["monosemanticity"] > 0.95
     assert dense["n_computed"] >= 3
-    assert dense["n_abs_pairs"] == dense["n_computed"]
+    i = int(np.flatnonzero(df["p"].to_numpy() == 1.0)[0])
+    computed = metrics.computation(run.model, run.spec).error[i] < 0.25
+    paired = metrics.abs_pairs(run.model.W1.detach(), run.model.W2.detach())[i] > 0
+    assert bool((paired | ~computed).all())  # computed features are a subset of the paired ones
 
 
 def test_abs_discrete_quick():

@@ -44,12 +44,21 @@ def _xavier_normal(shape: tuple[int, ...], seeds: list[int], notebook: bool) -> 
     return torch.stack([torch.randn(shape[1:], generator=_instance_generator(s)) for s in seeds]) * std
 
 
-def _kaiming_uniform(shape: tuple[int, ...], seeds: list[int], notebook: bool, salt: int) -> Tensor:
-    """torch's default Linear init (kaiming_uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per instance."""
+def _kaiming_uniform(shape: tuple[int, ...], seeds: list[int], notebook: bool, salt: int, a: float = 0.0) -> Tensor:
+    """torch's kaiming_uniform_ with negative slope ``a``: U(±sqrt(6 / ((1 + a²) fan_in))), fans per instance.
+
+    ``a = 0`` is ``nn.init.kaiming_uniform_``'s default, which the seed notebooks call on W1 and W2 (bound
+    sqrt(6 / fan_in)); ``a = sqrt(5)`` is nn.Linear's default (bound 1 / sqrt(fan_in)). ``notebook`` takes the fan
+    over the whole (inst, rows, cols) tensor as torch does there (fan_in = rows * cols).
+    """
     fan_in = shape[1] * shape[-1] if notebook else shape[-1]
-    bound = 1.0 / math.sqrt(fan_in)
+    bound = math.sqrt(6.0 / ((1.0 + a * a) * fan_in))
     out = [torch.rand(shape[1:], generator=_instance_generator(s * 7919 + salt)) for s in seeds]
     return (torch.stack(out) * 2 - 1) * bound
+
+
+# The residual MLP's layers keep nn.Linear's default init: the compressed-computation source does not show its own.
+LINEAR_SLOPE = math.sqrt(5.0)
 
 
 class ToyModel(nn.Module):
@@ -83,8 +92,8 @@ class ToyModel(nn.Module):
                 w_e = torch.stack(g)
                 w_e = w_e / w_e.norm(dim=-1, keepdim=True)
             self.register_buffer("W_E", w_e)
-            self.W_in = nn.Parameter(_kaiming_uniform((inst, L, h, e), seeds, notebook, 1))
-            self.W_out = nn.Parameter(_kaiming_uniform((inst, L, e, h), seeds, notebook, 2))
+            self.W_in = nn.Parameter(_kaiming_uniform((inst, L, h, e), seeds, notebook, 1, LINEAR_SLOPE))
+            self.W_out = nn.Parameter(_kaiming_uniform((inst, L, e, h), seeds, notebook, 2, LINEAR_SLOPE))
             if m.bias_hidden:
                 self.b_in = nn.Parameter(torch.zeros(inst, L, h))
             if m.bias_out:
