@@ -310,14 +310,19 @@ def run(
     resume: bool = False,
     progress: bool = False,
     report: bool = True,
+    saes: bool = True,
 ) -> Run:
     """Train and save a run folder at ``out``; with ``resume`` continue an interrupted run from its last checkpoint.
 
     ``report=False`` writes the run without report.html (sweep points; ``superposition report`` adds it later).
+    A spec with an ``[sae]`` section then trains its SAEs on the saved run, unless ``saes=False``
+    (:func:`superposition.sae.run_spec_saes`: ``out/sae/<name>/`` and a refreshed report.html).
 
     Without ``resume`` an interrupted run of ``out`` (a ``.NAME.partial`` with a checkpoint) is kept and the call
     refused, unless ``overwrite`` asks to start over. A run that diverges (on_divergence = "stop") leaves nothing.
     """
+    from superposition.sae import run_spec_saes  # sae imports this module at call time only
+
     out = Path(out)
     check_memory(spec)
     if out.exists() and not overwrite:
@@ -329,7 +334,10 @@ def run(
         if _spec_text(partial_spec(out)) != spec_text:
             raise SpecError(f"{out}: the interrupted run was started with a different spec; cannot resume")
         _publish(partial, out, overwrite)
-        return load_run(out)
+        result = load_run(out)
+        if saes:
+            run_spec_saes(result, progress=progress)
+        return result
     state = TrainState.create(spec)
     step = None
     if partial.is_dir() and (partial / SPEC_MARKER).is_file():
@@ -356,6 +364,8 @@ def run(
     _write_run_files(partial, result, report)
     _publish(partial, out, overwrite)
     result.path = out
+    if saes:
+        run_spec_saes(result, progress=progress)
     return result
 
 

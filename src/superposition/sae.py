@@ -83,6 +83,7 @@ __all__ = [
     "save_sae",
     "load_sae",
     "run_saes",
+    "run_spec_saes",
     "load_sae_spec",
     "sae_sections",
     "run_sae_sections",
@@ -922,6 +923,14 @@ def run_saes(
     return results
 
 
+def run_spec_saes(run: Run, *, device: str | torch.device | None = None, progress: bool = False) -> list[Sae]:
+    """Train a just-saved run's own ``[sae]`` section (none: nothing), replacing SAE folders of the same name: what
+    :func:`superposition.runs.run` and ``superposition run`` do after the model."""
+    if run.spec.sae is None:
+        return []
+    return run_saes(run, run.spec.sae, overwrite=True, device=device, progress=progress)
+
+
 def load_sae_spec(
     source: str | Path | None = None,
     *,
@@ -984,7 +993,7 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
     every represented feature above cosine 0.99."""
     keys = ["architecture", "sparsity_field", "sparsity", "resample_method"]
     df = scores.assign(all_recovered_99=(scores["recovered_99"] == scores["n_true"]).astype(np.int64))
-    agg = {c: "mean" for c in SUMMARY_COLUMNS}
+    agg = {c: "mean" for c in SUMMARY_COLUMNS if c in scores}  # older folders lack the newer columns (true_l0)
     agg["all_recovered_99"] = "sum"
     out = df.groupby(keys, sort=False, as_index=False).agg(agg)
     out.insert(len(keys), "instances", df.groupby(keys, sort=False).size().to_numpy())
