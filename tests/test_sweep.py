@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from superposition import load_sweep
 from superposition import sweep as sw
 from superposition.cli import main
-from superposition.runs import train
+from superposition.runs import RunFormatError, train
 from superposition.spec import SpecError, load_spec, parse_spec
 
 
@@ -393,6 +394,304 @@ def test_load_sweep(tmp_path):
     assert list(long["model.d_hidden"]) == [1, 1, 2, 2]
     mins = long.groupby("point")["loss"].min().to_numpy()
     np.testing.assert_array_equal(mins, loaded.results["loss_min"].to_numpy())
+
+
+# -- opening an untrusted sweep folder -----------------------------------------------------------------------------
+_GOOD_SWEEP = {"axes": {"model.d_hidden": [1, 2]}}
+
+
+@pytest.fixture(scope="module")
+def good_sweep(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("good-sweep") / "s"
+    torch.set_num_threads(1)
+    _run(_spec(_GOOD_SWEEP), out)
+    return out
+
+
+def _edit_meta(f: Path, edit) -> None:
+    meta = json.loads((f / "sweep.json").read_text())
+    edit(meta)
+    (f / "sweep.json").write_text(json.dumps(meta))
+
+
+def _edit_results(f: Path, edit) -> None:
+    edit(pd.read_parquet(f / "results.parquet")).to_parquet(f / "results.parquet", index=False)
+
+
+def _set_group_id(meta: dict, old: str, new: str) -> None:
+    for g in meta["plan"]["groups"]:
+        g["id"] = new if g["id"] == old else g["id"]
+    for p in meta["plan"]["points"]:
+        p["group"] = new if p["group"] == old else p["group"]
+
+
+def s_folder_missing(f: Path):
+    shutil.rmtree(f)
+    return "no such sweep folder"
+
+
+def s_folder_is_a_file(f: Path):
+    shutil.rmtree(f)
+    f.write_text("x")
+    return ": not a folder"
+
+
+def s_sweep_json_missing(f: Path):
+    (f / "sweep.json").unlink()
+    return "not a sweep folder (sweep.json is missing)"
+
+
+def s_sweep_json_not_json(f: Path):
+    (f / "sweep.json").write_bytes(b"\x80\x81 not json {")
+    return "sweep.json: not valid JSON (UnicodeDecodeError)"
+
+
+def s_sweep_json_deep(f: Path):
+    (f / "sweep.json").write_text("[" * 200_000 + "]" * 200_000)
+    return "sweep.json: not valid JSON (RecursionError)"
+
+
+def s_sweep_json_huge(f: Path):
+    with open(f / "sweep.json", "r+b") as fh:  # sparse: claims 1 GB without writing it
+        fh.truncate(2**30)
+    return "1,073,741,824 bytes, more than the 67,108,864 allowed"
+
+
+def s_sweep_json_fifo(f: Path):
+    (f / "sweep.json").unlink()
+    os.mkfifo(f / "sweep.json")  # reading it would block for ever
+    return "sweep.json: not a regular file"
+
+
+def s_sweep_json_link_out(f: Path):
+    (f / "sweep.json").unlink()
+    (f / "sweep.json").symlink_to("/etc/passwd")
+    return "a link leading outside the sweep folder (to /etc/passwd)"
+
+
+def s_sweep_json_link_loop(f: Path):
+    (f / "sweep.json").unlink()
+    (f / "sweep.json").symlink_to("sweep.json")
+    return "sweep.json: a broken or looping link"
+
+
+def s_sweep_json_a_list(f: Path):
+    (f / "sweep.json").write_text("[1, 2]")
+    return "not a sweep file (not a JSON object)"
+
+
+def s_format_version(f: Path):
+    _edit_meta(f, lambda m: m.update(format="superposition-sweep/2"))
+    return "format 'superposition-sweep/2', expected 'superposition-sweep'"
+
+
+def s_no_plan(f: Path):
+    _edit_meta(f, lambda m: m.pop("plan"))
+    return "sweep.json: no 'plan' table"
+
+
+def s_extra_key(f: Path):
+    _edit_meta(f, lambda m: m.update(on_load="__import__('os').system('true')"))
+    return "unexpected keys ['on_load']"
+
+
+def s_spec_invalid(f: Path):
+    _edit_meta(f, lambda m: m["spec"]["model"].update(evil=1))
+    return "sweep.json: invalid spec: model.evil"
+
+
+def s_spec_deep(f: Path):
+    deep = json.loads("[" * 900 + "1" + "]" * 900)  # parses, but would overflow the planner's serialiser
+    _edit_meta(f, lambda m: m["spec"]["sweep"]["axes"].update({"train.lr": deep}))
+    return "the spec nests lists and tables more than 32 levels deep"
+
+
+def s_spec_edited(f: Path):
+    _edit_meta(f, lambda m: m["spec"]["train"].update(lr=0.5))  # valid, but the plan was made for another lr
+    return "not the plan of its spec (first difference at plan.groups[0].spec.train.lr)"
+
+
+def s_group_id_traversal(f: Path):
+    _edit_meta(f, lambda m: _set_group_id(m, "g0001", "../../g0001"))
+    return "plan group id '../../g0001' is not g followed by digits"
+
+
+def s_group_id_renamed(f: Path):
+    _edit_meta(f, lambda m: _set_group_id(m, "g0001", "g0007"))  # a well-formed id the spec does not plan
+    return "first difference at plan.groups[1].id"
+
+
+def s_group_spec_edited(f: Path):
+    _edit_meta(f, lambda m: m["plan"]["groups"][0]["spec"]["train"].update(steps=100_000))
+    return "first difference at plan.groups[0].spec.train.steps"
+
+
+def s_plan_point_dropped(f: Path):
+    _edit_meta(f, lambda m: m["plan"].update(points=m["plan"]["points"][:1], dropped=1))
+    return "first difference at plan.dropped"
+
+
+def s_sweep_bomb(f: Path):
+    # 10^9 combinations: re-planning them would never end; refused from the sizes alone.
+    axes = {"model.d_hidden": list(range(1, 1001)), "train.lr": [i / 1000 for i in range(1, 1001)]}
+    axes["train.steps"] = list(range(1, 1001))
+    _edit_meta(f, lambda m: m["spec"]["sweep"].update(axes=axes))
+    return "the spec's sweep has 1,000,000,000 combinations but the plan lists 2"
+
+
+def s_instance_bomb(f: Path):
+    # 2 points x 10^6 base instances x 100 repeats: refused before any member list is built.
+    instances = {"axes": {"train.lr": [i / 1000 for i in range(1, 1001)], "train.weight_decay": [0.0] * 1000}}
+    _edit_meta(f, lambda m: (m["spec"].update(instances=instances), m["spec"]["sweep"].update(repeats=100)))
+    return "the spec plans up to 200,000,000 instances (at most 10,000,000 are re-planned)"
+
+
+def s_results_missing(f: Path):
+    (f / "results.parquet").unlink()
+    return "results.parquet is missing (the sweep did not finish); rerun `superposition sweep SPEC --out"
+
+
+def s_results_garbage(f: Path):
+    (f / "results.parquet").write_bytes(b"PAR1" + bytes(range(64)) + b"PAR1")
+    return "results.parquet: not a valid parquet table"
+
+
+def s_results_link_out(f: Path):
+    (f / "results.parquet").unlink()
+    (f / "results.parquet").symlink_to("../../../../../../../../etc/hostname")
+    return "results.parquet: a link leading outside the sweep folder"
+
+
+def s_results_rows(f: Path):
+    _edit_results(f, lambda r: r.iloc[::-1])
+    return "its 2 rows are not the plan's 2 points in order"
+
+
+def s_results_axis_column(f: Path):
+    _edit_results(f, lambda r: r.drop(columns=["model.d_hidden"]))
+    return "results.parquet: columns ['model.d_hidden'] are missing"
+
+
+def s_results_group(f: Path):
+    _edit_results(f, lambda r: r.assign(group=["../x", "g0001"]))
+    return "results.parquet: the group column does not match the plan"
+
+
+def s_results_status(f: Path):
+    _edit_results(f, lambda r: r.assign(status=["ok", "<script>"]))
+    return "results.parquet: statuses must be one of"
+
+
+def s_results_status_lists(f: Path):
+    _edit_results(f, lambda r: r.assign(status=[["ok"], ["ok", "x"]]))  # a list column: unhashable cells
+    return "results.parquet: statuses must be one of"
+
+
+def s_group_entry_link(f: Path):
+    shutil.move(f / "runs" / "g0001", f / "elsewhere")
+    (f / "runs" / "g0001").symlink_to(f / "elsewhere")
+    return "runs/g0001: a symbolic link where a run folder should be"
+
+
+def s_group_entry_file(f: Path):
+    shutil.rmtree(f / "runs" / "g0001")
+    (f / "runs" / "g0001").write_text("x")
+    return "runs/g0001: not a folder"
+
+
+def s_runs_link(f: Path):
+    shutil.move(f / "runs", f / "elsewhere")
+    (f / "runs").symlink_to("elsewhere")
+    return "runs: missing or not a folder"
+
+
+def s_run_config_damaged(f: Path):  # found when Sweep.runs opens the group: load_run's own checks
+    (f / "runs" / "g0001" / "config.json").write_bytes(b"\x80 not json")
+    return "g0001/config.json: not valid JSON"
+
+
+def s_run_weights_link_out(f: Path):
+    (f / "runs" / "g0000" / "model.safetensors").unlink()
+    (f / "runs" / "g0000" / "model.safetensors").symlink_to("/etc/passwd")
+    return "model.safetensors: a link leading outside the run folder"
+
+
+def s_run_instances_link_out(f: Path):
+    (f / "runs" / "g0000" / "instances.parquet").unlink()
+    (f / "runs" / "g0000" / "instances.parquet").symlink_to("/etc/hostname")
+    return "instances.parquet: a link leading outside the run folder"
+
+
+SWEEP_TAMPERS = [v for k, v in sorted(globals().items()) if k.startswith("s_")]
+
+
+def _open_everything(folder: Path) -> None:
+    s = load_sweep(folder)
+    for gid in s.runs:
+        s.runs[gid]
+
+
+@pytest.mark.parametrize("tamper", SWEEP_TAMPERS, ids=[t.__name__[2:] for t in SWEEP_TAMPERS])
+def test_tampered_sweep_folder_is_refused_in_one_error(good_sweep, tmp_path, tamper):
+    folder = tmp_path / "s"
+    shutil.copytree(good_sweep, folder, symlinks=True)
+    needle = tamper(folder)
+    start = time.perf_counter()
+    with pytest.raises(RunFormatError) as info:
+        _open_everything(folder)
+    message = str(info.value)
+    assert type(info.value) is RunFormatError
+    assert needle in message and len(message.splitlines()) == 1, message
+    assert time.perf_counter() - start < 5.0  # bounded: no re-planning of a bomb, no read of a pipe or a 1 GB file
+
+
+def test_untampered_copy_opens_and_runs_holds_only_planned_groups(good_sweep, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(good_sweep, folder, symlinks=True)
+    (folder / "runs" / "g0002").symlink_to(folder / "runs" / "g0000")  # not a group of the plan: never opened
+    (folder / "sweep.json").rename(folder / "sweep.real.json")
+    (folder / "sweep.json").symlink_to("sweep.real.json")  # a link that stays inside the folder is fine
+    s = load_sweep(folder)
+    assert list(s.runs) == ["g0000", "g0001"] and len(s.runs) == 2
+    assert s.runs["g0001"].spec.model.d_hidden == 2
+    for key in ("g0002", "../s/runs/g0000", "runs/g0000", "g0000/.."):
+        assert key not in s.runs
+        with pytest.raises(KeyError):
+            s.runs[key]
+    assert sw.read_plan(folder) == s.plan == sw.make_plan(_spec(_GOOD_SWEEP))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(folder))] = "link:" + os.readlink(p)
+        elif p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(folder))] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out
+
+
+# The sweep command reopens the folder (prepare, then execute: every group is done here, so it trains nothing and goes
+# straight to collecting the results): a tampered plan, a linked group, a pipe or a table linked out stop it first.
+@pytest.mark.parametrize(
+    "tamper",
+    [s_group_id_traversal, s_group_entry_link, s_sweep_json_fifo, s_run_instances_link_out],
+    ids=lambda t: t.__name__[2:],
+)
+def test_cli_sweep_on_a_tampered_folder_exits_2_with_one_line(good_sweep, tmp_path, capsys, tamper):
+    folder = tmp_path / "s"
+    shutil.copytree(good_sweep, folder, symlinks=True)
+    spec_file = tmp_path / "s.json"
+    spec_file.write_text(json.dumps(_raw(_GOOD_SWEEP)))
+    needle = tamper(folder)
+    before = _digest(folder)
+    capsys.readouterr()
+    argv = ["sweep", str(spec_file), "--out", str(folder), "--resume", "--workers", "1", "--threads", "1", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and _digest(folder) == before
 
 
 def _synthetic() -> pd.DataFrame:

@@ -21,6 +21,7 @@ the finished run folders. The figure helpers at the end are pure functions of th
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -28,6 +29,7 @@ import math
 import operator
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from superposition.runs import INSTANCES, MAX_TABLE_BYTES, RunFormatError, _checked_file
 from superposition.spec import (
     INSTANCE_AXES,
     Experiment,
@@ -524,22 +527,173 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_meta(out: Path) -> dict[str, Any]:
-    path = out / SWEEP_JSON
+MAX_SWEEP_BYTES = 64 * 2**20
+"""Largest sweep.json read (a spec per group: about 3 kB each; the 126-group hierarchy sweep writes 0.4 MB)."""
+MAX_COMBINATIONS = 1_000_000
+"""Most combinations (before ``where``) of a stored spec that opening a sweep folder re-plans."""
+MAX_PLANNED_INSTANCES = 10_000_000
+"""Most instances (combinations x base instances x repeats) of a stored spec that opening a folder re-plans."""
+MAX_SPEC_DEPTH = 32
+"""Deepest nesting of the stored spec (a real one nests about 5 levels: sweep.axes.<name>[list of lists])."""
+_META_KEYS = ("format", "superposition_version", "spec", "plan")
+_GROUP_ID = re.compile(r"g[0-9]{1,9}")
+
+
+def _sweep_file(out: Path, name: str, limit: int) -> Path:
+    """``out/name`` if it is a regular file inside the sweep folder (links must stay inside) of at most ``limit``."""
+    f = out / name
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{out}: not a sweep folder ({SWEEP_JSON} is missing)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SpecError(f"{path}: not a sweep file")
+        real, root = f.resolve(strict=True), out.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise RunFormatError(f"{f}: a broken or looping link") from None
+    if not real.is_relative_to(root):
+        raise RunFormatError(f"{f}: a link leading outside the sweep folder (to {real}); refusing to read it")
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise RunFormatError(f"{f}: not a regular file")
+    if st.st_size > limit:
+        raise RunFormatError(f"{f}: {st.st_size:,} bytes, more than the {limit:,} allowed")
+    return real
+
+
+def _read_meta(out: Path) -> dict[str, Any]:
+    """sweep.json's top level, bounded and checked (its spec and plan are checked by ``_validated``)."""
+    path = out / SWEEP_JSON
+    if not out.is_dir():
+        raise RunFormatError(f"{out}: {'not a folder' if out.exists() else 'no such sweep folder'}")
+    if not path.exists() and not path.is_symlink():
+        raise RunFormatError(f"{out}: not a sweep folder ({SWEEP_JSON} is missing)")
+    try:
+        meta = json.loads(_sweep_file(out, SWEEP_JSON, MAX_SWEEP_BYTES).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RunFormatError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(meta, dict):
+        raise RunFormatError(f"{path}: not a sweep file (not a JSON object)")
+    if meta.get("format") != FORMAT:
+        found = meta.get("format")
+        shown = repr(found)[:80] if isinstance(found, str) else "missing"
+        raise RunFormatError(f"{path}: not a sweep file of this version (format {shown}, expected {FORMAT!r})")
+    extra = sorted(k for k in meta if k not in _META_KEYS)
+    if extra:
+        raise RunFormatError(f"{path}: unexpected keys {[k[:40] for k in extra[:5]]}")
+    for key, kind in (("superposition_version", str), ("spec", dict), ("plan", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise RunFormatError(f"{path}: no {key!r} {'text' if kind is str else 'table'}")
+    if len(meta["superposition_version"]) > 100:
+        raise RunFormatError(f"{path}: superposition_version is longer than 100 characters")
     return meta
 
 
+@functools.lru_cache(maxsize=4)
+def _planned(spec_text: str) -> str:
+    """The plan of a spec (given as canonical JSON) as canonical JSON: a worker re-plans its sweep once."""
+    return json.dumps(make_plan(parse_spec(json.loads(spec_text))).to_json(), sort_keys=True)
+
+
+def _first_difference(a: Any, b: Any, where: str = "plan", depth: int = 0) -> str:
+    """The dotted path of the first place two JSON values differ (stops descending after a few levels)."""
+    if depth < 8 and isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b or a[key] != b[key]:
+                return _first_difference(a.get(key), b.get(key), f"{where}.{str(key)[:40]}", depth + 1)
+    if depth < 8 and isinstance(a, list) and isinstance(b, list):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]", depth + 1)
+        if len(a) != len(b):
+            return f"{where} ({len(a)} entries, the spec plans {len(b)})"
+    return where
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and tables nest in a JSON value (iteratively: no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _n_combinations(sweep: SweepSpec) -> int:
+    """How many combinations ``combinations`` would give, without listing them."""
+    return math.prod(len(_values(sweep, block[0])) for block in _blocks(sweep))
+
+
+def _group_dir(out: Path, group_id: str) -> Path | None:
+    """``out/runs/<group>`` if it is a finished run folder, None if absent or unfinished; refuses links and files."""
+    folder = out / RUNS / group_id
+    try:
+        mode = folder.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        raise RunFormatError(f"{folder}: a symbolic link where a run folder should be; refusing to follow it")
+    if not stat.S_ISDIR(mode):
+        raise RunFormatError(f"{folder}: not a folder (a group's run folder)")
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _validated(out: Path, meta: dict[str, Any]) -> tuple[Experiment, Plan]:
+    """The stored spec and plan, trusting neither: the plan must be the one the spec gives (``make_plan``).
+
+    A plan is never taken from the file as it is: every group id and group spec is recomputed from the stored spec, so
+    an edited plan cannot point a group at a path outside the folder or train something its spec does not say. The
+    re-planning is bounded first (combinations and instances must fit what the stored plan lists).
+    """
+    path = out / SWEEP_JSON
+    if _depth(meta["spec"]) > MAX_SPEC_DEPTH:
+        raise RunFormatError(f"{path}: the spec nests lists and tables more than {MAX_SPEC_DEPTH} levels deep")
+    try:
+        spec = parse_spec(meta["spec"])
+    except SpecError as exc:
+        raise RunFormatError(f"{path}: invalid spec: {exc}") from None
+    raw = meta["plan"]
+    points, groups, dropped = raw.get("points"), raw.get("groups"), raw.get("dropped")
+    if not isinstance(points, list) or not isinstance(groups, list) or type(dropped) is not int or dropped < 0:
+        raise RunFormatError(f"{path}: the plan needs lists 'points' and 'groups' and a count 'dropped'")
+    for g in groups:
+        gid = g.get("id") if isinstance(g, dict) else None
+        if not isinstance(gid, str) or not _GROUP_ID.fullmatch(gid):
+            raise RunFormatError(f"{path}: plan group id {str(gid)[:60]!r} is not g followed by digits")
+    sweep = spec.sweep or SweepSpec()
+    combos = _n_combinations(sweep)
+    if combos > len(points) + dropped or combos > MAX_COMBINATIONS:
+        raise RunFormatError(
+            f"{path}: the spec's sweep has {combos:,} combinations but the plan lists {len(points) + dropped:,} "
+            f"(at most {MAX_COMBINATIONS:,} are re-planned)"
+        )
+    if combos * spec.n_instances * sweep.repeats > MAX_PLANNED_INSTANCES:
+        raise RunFormatError(
+            f"{path}: the spec plans up to {combos * spec.n_instances * sweep.repeats:,} instances "
+            f"(at most {MAX_PLANNED_INSTANCES:,} are re-planned)"
+        )
+    try:
+        planned = _planned(json.dumps(meta["spec"], sort_keys=True))
+    except SpecError as exc:
+        raise RunFormatError(f"{path}: the spec cannot be planned: {exc}") from None
+    if json.dumps(raw, sort_keys=True) != planned:
+        where = _first_difference(raw, json.loads(planned))
+        raise RunFormatError(
+            f"{path}: the stored plan is not the plan of its spec (first difference at {where}); the file was edited "
+            f"or written by another version (superposition {meta['superposition_version'][:40]})"
+        )
+    plan = Plan.from_json(json.loads(planned))
+    runs = out / RUNS
+    if runs.is_symlink() or not runs.is_dir():
+        raise RunFormatError(f"{runs}: missing or not a folder (a sweep folder holds its run folders there)")
+    for g in plan.groups:
+        _group_dir(out, g.id)
+    return spec, plan
+
+
 def read_plan(out: str | Path) -> Plan:
-    """The plan stored in a sweep folder."""
-    return Plan.from_json(_read_meta(Path(out))["plan"])
+    """The plan stored in a sweep folder, checked against its spec (one RunFormatError when it is damaged)."""
+    out = Path(out)
+    return _validated(out, _read_meta(out))[1]
 
 
 def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
@@ -552,7 +706,7 @@ def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
         meta = _read_meta(out)
         if meta.get("spec") != spec_json:
             raise SpecError(f"{out}: holds a sweep of a different spec (choose another --out, or remove the folder)")
-        return Plan.from_json(meta["plan"])
+        return _validated(out, meta)[1]
     if resume:
         raise SpecError(f"{out}: no sweep to resume ({SWEEP_JSON} is missing)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -565,7 +719,7 @@ def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
 
 
 def _done(out: Path, group_id: str) -> bool:
-    return (out / RUNS / group_id / "config.json").is_file()
+    return _group_dir(out, group_id) is not None
 
 
 # -- running one group (the unit of work of every backend) ---------------------------------------------------------
@@ -874,6 +1028,14 @@ def _stats(values: np.ndarray) -> tuple[float, float, float, int]:
     return float(values[finite].min()), float(values[finite].mean()), float(values[finite].max()), int(v.argmin())
 
 
+def _read_parquet(real: Path, shown: Path) -> pd.DataFrame:
+    """A parquet table (checked to be a bounded regular file); one RunFormatError naming ``shown`` if damaged."""
+    try:
+        return pd.read_parquet(real)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise RunFormatError(f"{shown}: not a valid parquet table ({exc.__class__.__name__})") from None
+
+
 def collect_results(out: str | Path, plan: Plan) -> pd.DataFrame:
     """One row per point: axis values, group, status (ok/failed/invalid/pending), error, loss over repeats, metrics.
 
@@ -887,7 +1049,8 @@ def collect_results(out: str | Path, plan: Plan) -> pd.DataFrame:
     for g in plan.groups:
         error_file = out / ERRORS / f"{g.id}.json"
         if _done(out, g.id):
-            table = pd.read_parquet(out / RUNS / g.id / "instances.parquet")
+            run_dir = out / RUNS / g.id
+            table = _read_parquet(_checked_file(run_dir, INSTANCES, MAX_TABLE_BYTES), run_dir / INSTANCES)
             axis_cols = set(g.spec["instances"]["axes"])
             for name in table.columns:
                 if name in _BASE_COLUMNS or name in axis_cols or name in metric_names:
@@ -950,17 +1113,18 @@ def collect_results(out: str | Path, plan: Plan) -> pd.DataFrame:
 
 # -- loading a sweep ---------------------------------------------------------------------------------------------
 class _Runs(Mapping[str, "Run"]):
-    """The finished run folders of a sweep by group id, loaded on first access."""
+    """The finished run folders of a sweep by group id (groups of the plan only), loaded by ``load_run`` on access."""
 
     def __init__(self, out: Path, plan: Plan):
-        self._out, self._plan, self._cache = out, plan, {}
+        self._out, self._cache = out, {}
+        self._ids_planned = [g.id for g in plan.groups]
 
     def _ids(self) -> list[str]:
-        return [g.id for g in self._plan.groups if _done(self._out, g.id)]
+        return [gid for gid in self._ids_planned if _done(self._out, gid)]
 
     def __getitem__(self, key: str) -> Run:
         if key not in self._cache:
-            if not _done(self._out, key):
+            if key not in self._ids_planned or not _done(self._out, key):
                 raise KeyError(key)
             from superposition.runs import load_run
 
@@ -1001,14 +1165,49 @@ class Sweep:
         return long.merge(self.results[["point", *extra]], on="point", how="left")
 
 
+_RESULT_COLUMNS = ("group", "status", "error", "repeats")
+_STATUSES = frozenset({"ok", "failed", "invalid", "pending"})
+
+
+def _check_results(f: Path, results: pd.DataFrame, plan: Plan) -> None:
+    """results.parquet must hold the plan's points, in order, with their groups and known statuses."""
+    missing = [c for c in ("point", *plan.columns, *_RESULT_COLUMNS) if c not in results.columns]
+    if missing:
+        raise RunFormatError(f"{f}: columns {[str(c)[:60] for c in missing[:5]]} are missing")
+    if results["point"].tolist() != [p.index for p in plan.points]:
+        raise RunFormatError(f"{f}: its {len(results)} rows are not the plan's {len(plan.points)} points in order")
+    if [_text_cell(v) for v in results["group"].tolist()] != [p.group for p in plan.points]:
+        raise RunFormatError(f"{f}: the group column does not match the plan")
+    if not all(_text_cell(v) in _STATUSES for v in results["status"].tolist()):
+        raise RunFormatError(f"{f}: statuses must be one of {sorted(_STATUSES)}")
+
+
+def _text_cell(value: Any) -> Any:
+    """A table cell as text or None (missing); anything else (a list, a number) as a value equal to nothing."""
+    if isinstance(value, str) or value is None:
+        return value
+    if value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return object()
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    """Open a sweep folder: ``.results`` (one row per point), ``.runs`` (group id -> Run, lazily), ``.spec``."""
+    """Open a sweep folder: ``.results`` (one row per point), ``.runs`` (group id -> Run, lazily), ``.spec``.
+
+    Trusts nothing in the folder: sweep.json is read bounded and checked (its plan must be the one its spec gives),
+    group folders must be real folders (no links), results.parquet must hold the plan's points, and each run folder
+    is opened by ``load_run`` (of the plan's groups only). Anything else is one RunFormatError naming the file.
+    """
     path = Path(path)
-    meta = _read_meta(path)
-    plan = Plan.from_json(meta["plan"])
-    spec = parse_spec(meta["spec"])
+    spec, plan = _validated(path, _read_meta(path))
     results_file = path / RESULTS
-    results = pd.read_parquet(results_file) if results_file.is_file() else collect_results(path, plan)
+    if not results_file.exists() and not results_file.is_symlink():
+        raise RunFormatError(
+            f"{path}: {RESULTS} is missing (the sweep did not finish); rerun "
+            f"`superposition sweep SPEC --out {path} --resume` to rebuild it"
+        )
+    results = _read_parquet(_sweep_file(path, RESULTS, MAX_TABLE_BYTES), results_file)
+    _check_results(results_file, results, plan)
     return Sweep(path, spec, plan, results, _Runs(path, plan))
 
 
