@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from superposition.data import Sampler, importance_tensor, make_sampler, target_fn
-from superposition.fast import FastStepper, choose_engine
+from superposition.fast import FastStepper, adam_update_, choose_engine
 from superposition.models import ToyModel, build_model
 from superposition.spec import Experiment
 
@@ -36,9 +36,6 @@ __all__ = [
     "train_model",
     "evaluate",
 ]
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,25 +103,12 @@ def adam_step_(
 ) -> None:
     """One Adam (or AdamW when ``decoupled``) update in place, with per-instance lr and weight decay.
 
-    Follows torch.optim.Adam/AdamW exactly (same formula and order of operations).
+    The same update as the fast engine's (:func:`superposition.fast.adam_update_`, torch.optim.Adam/AdamW's
+    formula); this wrapper keeps the step count on the host.
     """
+    step = torch.tensor(state.step, dtype=torch.int64, device=lr.device)
+    adam_update_(params, grads, state.exp_avg, state.exp_avg_sq, step, lr, weight_decay, decoupled)
     state.step += 1
-    b1, b2 = ADAM_BETAS
-    bc1 = 1 - b1**state.step
-    bc2_sqrt = math.sqrt(1 - b2**state.step)
-    for name, p in params.items():
-        g = grads[name]
-        shape = (-1,) + (1,) * (p.dim() - 1)
-        lr_i, wd_i = lr.view(shape), weight_decay.view(shape)
-        if decoupled:
-            p.mul_(1 - lr_i * wd_i)
-        else:
-            g = g + wd_i * p
-        m, v = state.exp_avg[name], state.exp_avg_sq[name]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
-        p.sub_((lr_i / bc1) * m / denom)
 
 
 def lr_multiplier(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
