@@ -30,6 +30,9 @@ __all__ = [
     "pick_instances",
     "instance_labels",
     "features_2d",
+    "Polygon",
+    "polygon_stats",
+    "training_geometry",
     "features_nd",
     "features_nd_discrete",
     "neuron_bars",
@@ -341,6 +344,144 @@ def _many_arrows(fig: go.Figure, W: np.ndarray, imp: np.ndarray, colours: np.nda
         ),
         row=row,
         col=col,
+    )
+
+
+# -- training points and features of a fixed training set (double descent) -------------------------------------------
+class Polygon(NamedTuple):
+    """How a set of 2-D vectors sits around the origin (see :func:`polygon_stats`)."""
+
+    n: int
+    """Vectors given."""
+    max_norm: float
+    """Largest norm (0 when there are none)."""
+    n_long: int
+    """Vectors longer than ``rel`` times the largest norm."""
+    directions: int
+    """Distinct directions among the long vectors: groups of angles at most ``tol_deg`` wide."""
+    irregularity: float
+    """(widest - narrowest angle between neighbouring directions) / (360° / directions): 0 for a regular polygon,
+    NaN below two directions."""
+
+
+def polygon_stats(vectors: Float[np.ndarray, "n 2"], rel: float = 0.5, tol_deg: float = 10.0) -> Polygon:
+    """Count the long vectors (norm > ``rel`` · max) and the distinct directions they point in.
+
+    Directions are grouped greedily along the circle, starting after the widest empty arc (so no group straddles
+    the cut): a group takes every next angle within ``tol_deg`` of its first one. A regular k-gon (with any number
+    of vectors per vertex) gives ``directions == k`` and ``irregularity`` near 0; vectors spread all round give
+    about 360 / ``tol_deg`` directions.
+    """
+    v = _np(vectors).reshape(-1, 2)
+    norms = np.hypot(v[:, 0], v[:, 1])
+    finite = np.isfinite(norms)
+    top = float(norms[finite].max()) if finite.any() else 0.0
+    if top <= 0.0:
+        return Polygon(len(v), top, 0, 0, math.nan)
+    long = v[finite & (norms > rel * top)]
+    angles = np.sort(np.degrees(np.arctan2(long[:, 1], long[:, 0])) % 360.0)
+    gaps = np.diff(np.append(angles, angles[0] + 360.0))
+    origin = angles[(int(np.argmax(gaps)) + 1) % len(angles)]
+    turned = np.sort((angles - origin) % 360.0)
+    starts = [0]
+    for i, a in enumerate(turned):
+        if a - turned[starts[-1]] > tol_deg:
+            starts.append(i)
+    centres = np.array([turned[s:e].mean() for s, e in zip(starts, [*starts[1:], len(turned)], strict=True)])
+    k = len(centres)
+    irregularity = math.nan
+    if k >= 2:
+        sides = np.diff(np.append(centres, centres[0] + 360.0))
+        irregularity = float((sides.max() - sides.min()) / (360.0 / k))
+    return Polygon(len(v), top, len(long), k, irregularity)
+
+
+def training_geometry(
+    features: Sequence[Float[np.ndarray, "2 feats"]],
+    points: Sequence[Float[np.ndarray, "n 2"]],
+    titles: Sequence[str],
+    *,
+    title: str = (
+        "Features and training points in the 2-D hidden space<br><sup>feature vectors W<sub>i</sub> (blue arrows) "
+        "and hidden vectors h<sub>t</sub> = W x<sub>t</sub> of the training points (red dots)<br>"
+        "one panel per training-set size T, each on its own scale</sup>"
+    ),
+    cols: int | None = None,
+) -> go.Figure:
+    """One panel per training set: the feature vectors W_i as arrows from the origin and the training points'
+    hidden vectors W x_t as dots, equal aspect, each panel scaled to its longest vector.
+
+    Traces: three per panel (training points, then arrow shafts and tips on top); the first panel's carry the
+    legend.
+    """
+    if not (len(features) == len(points) == len(titles)):
+        raise ValueError("training_geometry: features, points and titles differ in length")
+    fig, rows, cols = _subplot_grid(titles, cols, max_cols=3)
+    feature_colour, point_colour = qualitative.Plotly[0], qualitative.Plotly[1]
+    for k, (W, H) in enumerate(zip(features, points, strict=True)):
+        W, H = _np(W).reshape(2, -1), _np(H).reshape(-1, 2)
+        row, col = divmod(k, cols)
+        n = W.shape[1]
+        shafts = np.full((n, 3, 2), np.nan)
+        shafts[:, 0] = 0.0
+        shafts[:, 1] = W.T
+        w_norm = np.hypot(W[0], W[1])
+        h_norm = np.hypot(H[:, 0], H[:, 1])
+        where = dict(row=row + 1, col=col + 1)
+        many = len(H) > 100  # thousands of training points: smaller, lighter dots
+        fig.add_trace(
+            go.Scatter(
+                x=H[:, 0],
+                y=H[:, 1],
+                mode="markers",
+                marker=dict(size=4 if many else 7, color=point_colour, opacity=0.45 if many else 0.8),
+                name="training points h<sub>t</sub> = W x<sub>t</sub>",
+                legendgroup="points",
+                showlegend=k == 0,
+                customdata=np.stack([np.arange(len(H)), h_norm], axis=-1),
+                hovertemplate="point %{customdata[0]}<br>‖h<sub>t</sub>‖ = %{customdata[1]:.3f}<extra></extra>",
+            ),
+            **where,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=shafts[:, :, 0].ravel(),
+                y=shafts[:, :, 1].ravel(),
+                mode="lines",
+                line=dict(color=feature_colour, width=1),
+                opacity=0.6,
+                legendgroup="features",
+                showlegend=False,
+                hoverinfo="skip",
+            ),
+            **where,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=W[0],
+                y=W[1],
+                mode="markers",
+                marker=dict(size=5, color=feature_colour),
+                name="feature vectors W<sub>i</sub>",
+                legendgroup="features",
+                showlegend=k == 0,
+                customdata=np.stack([np.arange(n), w_norm], axis=-1),
+                hovertemplate="feature %{customdata[0]}<br>‖W<sub>i</sub>‖ = %{customdata[1]:.3f}<extra></extra>",
+            ),
+            **where,
+        )
+        lim = 1.12 * max(float(np.nanmax(w_norm, initial=0.0)), float(np.nanmax(h_norm, initial=0.0)), 1e-6)
+        fig.update_xaxes(range=[-lim, lim], zeroline=True, tickfont=dict(size=9), **where)
+        fig.update_yaxes(
+            range=[-lim, lim], scaleanchor=_axis_ref(k + 1), scaleratio=1, zeroline=True, tickfont=dict(size=9), **where
+        )
+    return _finish(
+        fig,
+        title,
+        height=130 + 300 * rows,
+        width=max(640, 300 * cols + 120),
+        legend=dict(orientation="h", y=-0.08),
+        margin=dict(t=120),
     )
 
 

@@ -55,6 +55,7 @@ from superposition.spec import (
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
+    from superposition.plots import Polygon
     from superposition.runs import Run
 
 __all__ = [
@@ -993,7 +994,7 @@ def execute(
     results.to_parquet(tmp, index=False)
     os.replace(tmp, out / RESULTS)
     spec = parse_spec(_read_meta(out)["spec"])
-    _atomic_write_text(out / REPORT, render_sweep(spec, plan, results))
+    _atomic_write_text(out / REPORT, render_sweep(spec, plan, results, out))
     return SweepOutcome(
         plan, results, counts["ok"], counts["failed"], n_skipped + counts["skipped"], time.perf_counter() - start
     )
@@ -1359,8 +1360,192 @@ def _threshold_display(table: pd.DataFrame, results: pd.DataFrame, x: str, y: st
     return shown
 
 
-def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame) -> str:
-    """The sweep's report.html: plan, threshold read-out, heatmaps and lines per panel value, results, failures."""
+# -- training points and features of fixed training sets (double descent) ------------------------------------------
+class TrainingGeometry(NamedTuple):
+    """The best repeat (lowest test loss) of one training-set size: its feature vectors, its training points'
+    hidden vectors and how both sit around the origin (``plots.polygon_stats``)."""
+
+    dataset_size: int
+    point: int
+    repeat: int
+    loss: float
+    train_loss: float
+    """Loss of the final weights on the rebuilt training set (equals the recorded one when the rebuild is right and
+    the last step was full-batch with a vanishing learning rate)."""
+    recorded_train_loss: float
+    features: np.ndarray
+    """(2, feats): the feature vectors W_i (columns of the encoder)."""
+    hidden: np.ndarray
+    """(T, 2): h_t = W x_t of every training point x_t."""
+    feature_shape: Polygon
+    data_shape: Polygon
+    label: str
+    """The point's other varying axis values ("" when T is the only one)."""
+
+
+def _best_per_size(plan: Plan, results: pd.DataFrame) -> pd.DataFrame:
+    """The finished points of 2-D bottleneck groups with a fixed training set, the lowest loss_min per size (``_T``)."""
+    groups = {g.id: g for g in plan.groups}
+
+    def size(gid: Any) -> int | None:
+        g = groups.get(str(gid))
+        if g is None:
+            return None
+        d, m = g.spec["data"], g.spec["model"]
+        fits = d.get("dataset_size") is not None and m["d_hidden"] == 2 and m["kind"] in _PACKABLE_KINDS
+        return int(d["dataset_size"]) if fits else None
+
+    ok = results[(results["status"] == "ok") & results["best_repeat"].notna()]
+    sizes = [size(g) for g in ok["group"]]
+    ok = ok.assign(_T=sizes)[[s is not None for s in sizes]]
+    return ok.sort_values(["_T", "loss_min", "point"]).drop_duplicates("_T")
+
+
+def training_geometry_data(out: str | Path, plan: Plan, results: pd.DataFrame) -> list[TrainingGeometry]:
+    """For each training-set size T of the 2-D bottleneck groups with a fixed training set, the best repeat over the
+    points with that T, its weights and its training set rebuilt from the group's spec (``TrainState.create`` draws
+    it from the seed). Groups trained on CUDA are rebuilt on CUDA (its random stream differs from the CPU's) and left
+    out where none is available. Loads nothing when no group fits."""
+    import torch
+
+    from superposition.plots import polygon_stats
+    from superposition.runs import load_run
+    from superposition.train import TrainState
+
+    out = Path(out)
+    groups = {g.id: g for g in plan.groups}
+    best = _best_per_size(plan, results)
+    varying = [c for c in plan.columns if c != "data.dataset_size" and results[c].nunique(dropna=False) > 1]
+    found: list[TrainingGeometry] = []
+    for _, row in best.iterrows():
+        g = groups[str(row["group"])]
+        point, repeat = int(row["point"]), int(row["best_repeat"])
+        inst = [i for i, (p, _) in enumerate(g.members) if p == point][repeat]
+        run = load_run(out / RUNS / g.id)
+        device = torch.device(run.meta["device"])
+        if device.type == "cuda" and not torch.cuda.is_available():
+            continue
+        state = TrainState.create(run.spec, device)
+        with torch.no_grad():
+            state.model.load_state_dict(run.model.state_dict())
+            train_loss = float(state.loss(state.dataset)[inst])
+            x = state.dataset[:, inst].double().cpu().numpy()
+        W = run.model.encoder.detach()[inst].double().cpu().numpy()
+        H = x @ W.T
+        found.append(
+            TrainingGeometry(
+                dataset_size=int(row["_T"]),
+                point=point,
+                repeat=repeat,
+                loss=float(run.instances["loss"].iloc[inst]),
+                train_loss=train_loss,
+                recorded_train_loss=float(run.instances["train_loss"].iloc[inst]),
+                features=W,
+                hidden=H,
+                feature_shape=polygon_stats(W.T),
+                data_shape=polygon_stats(H),
+                label=", ".join(f"{c}={row[c]}" for c in varying),
+            )
+        )
+    return found
+
+
+def pick_sizes(losses: list[float], limit: int = 6) -> list[int]:
+    """Indices of at most ``limit`` entries (sorted by T): the first, the last, the highest loss, and evenly spread
+    ones in between."""
+    n = len(losses)
+    if n <= limit:
+        return list(range(n))
+    chosen = set(np.round(np.linspace(0, n - 1, limit)).astype(int).tolist())
+    peak = int(np.nanargmax(np.asarray(losses, dtype=np.float64)))
+    if peak not in chosen:
+        inner = sorted(chosen - {0, n - 1}, key=lambda i: (abs(i - peak), i))
+        chosen.discard(inner[0])
+        chosen.add(peak)
+    return sorted(chosen)
+
+
+def _shape_text(s: Polygon) -> str:
+    irregular = f", irregularity {s.irregularity:.2f}" if s.directions >= 2 else ""
+    return f"{s.n_long} of {s.n} long in {s.directions} direction(s){irregular}, largest norm {s.max_norm:.3g}"
+
+
+def _training_geometry_sections(out: str | Path | None, plan: Plan, results: pd.DataFrame) -> list[Any]:
+    """The report section of sweeps over fixed 2-D training sets (none for other sweeps or without the folder)."""
+    from superposition.plots import training_geometry
+    from superposition.report import Section
+
+    data = training_geometry_data(out, plan, results) if out is not None else []
+    if not data:
+        return []
+    chosen = [data[i] for i in pick_sizes([d.loss for d in data])]
+    peak = max(data, key=lambda d: d.loss).dataset_size
+    titles = [f"T = {d.dataset_size}" + (f" ({d.label})" if d.label else "") + f", loss {d.loss:.3g}" for d in chosen]
+    figure = training_geometry([d.features for d in chosen], [d.hidden for d in chosen], titles)
+    paragraphs = [
+        "For each training-set size T, the repeat with the lowest test loss: its feature vectors W_i (blue arrows) "
+        "and the hidden vectors h_t = W x_t of its training points (red dots), training sets rebuilt from the seeds. "
+        f"Panels: the smallest T, the test-loss peak (T = {peak}), the largest T and evenly spread sizes between.",
+        "What to look for: at small T (memorising) the training points sit at the corners of a regular polygon and "
+        "the features are shorter, the longest along the training points' directions; at large T (generalising) a "
+        "few long features form the polygon, the rest stay near 0, and the training points, sums of several "
+        "features, do not. The table counts it: few directions with irregularity near 0 is a polygon; many "
+        "directions (up to 36, each at most 10° wide) with a high irregularity is a spread.",
+        *(
+            f"T = {d.dataset_size}: training points {_shape_text(d.data_shape)}; "
+            f"features {_shape_text(d.feature_shape)}."
+            for d in chosen
+        ),
+    ]
+    missing = len(_best_per_size(plan, results)) - len(data)
+    if missing:
+        paragraphs.append(f"{missing} training-set size(s) trained on CUDA are left out: no CUDA device here.")
+    table = pd.DataFrame(
+        {
+            "T": [d.dataset_size for d in data],
+            "point": [d.point for d in data],
+            "repeat": [d.repeat for d in data],
+            "loss": [d.loss for d in data],
+            "train_loss": [d.recorded_train_loss for d in data],
+            "train_loss_rebuilt": [d.train_loss for d in data],
+            "points_long": [d.data_shape.n_long / max(d.data_shape.n, 1) for d in data],
+            "points_directions": [d.data_shape.directions for d in data],
+            "points_irregularity": [d.data_shape.irregularity for d in data],
+            "points_max_norm": [d.data_shape.max_norm for d in data],
+            "features_long": [d.feature_shape.n_long for d in data],
+            "features_directions": [d.feature_shape.directions for d in data],
+            "features_irregularity": [d.feature_shape.irregularity for d in data],
+            "features_max_norm": [d.feature_shape.max_norm for d in data],
+            **({"other axes": [d.label for d in data]} if any(d.label for d in data) else {}),
+        }
+    )
+    definitions = [
+        ("long", "norm above half the largest norm of the set (points: as a fraction of T; features: a count)"),
+        ("directions", "groups of the long vectors' angles, each at most 10° wide (plots.polygon_stats)"),
+        (
+            "irregularity",
+            "(widest − narrowest angle between neighbouring directions) / (360° / directions); 0 = regular",
+        ),
+        (
+            "train_loss_rebuilt",
+            "loss of the final weights on the rebuilt training set; matches train_loss when the "
+            "rebuild is right (exactly after a full-batch last step at learning rate 0, as with warmup-cosine)",
+        ),
+    ]
+    return [
+        Section(
+            "Training points and features",
+            paragraphs=paragraphs,
+            tables=[table],
+            figures=[figure],
+            definitions=definitions,
+        )
+    ]
+
+
+def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str | Path | None = None) -> str:
+    """The sweep's report.html: plan, threshold read-out, heatmaps and lines per panel value, training geometry
+    (fixed 2-D training sets; needs the folder ``out``), results, failures."""
     from superposition.report import Section, render_page
 
     sweep = spec.sweep or SweepSpec()
@@ -1412,6 +1597,7 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame) -> str:
         sections.append(
             Section("Lines", figures=[lines_figure(results.assign(_all="all"), x, "_all", r.metric, log=r.log)])
         )
+    sections.extend(_training_geometry_sections(out, plan, results))
     sections.append(Section("Results", tables=[results]))
     failed = results[results["status"].isin(["failed", "invalid"])]
     if len(failed):
