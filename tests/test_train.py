@@ -108,3 +108,21 @@ def test_end_to_end_linear_keeps_d_relu_packs_more():
     df = run.instances
     assert df.loc[df["model.kind"] == "linear", "n_represented"].tolist() == [5, 5]
     assert (df.loc[df["model.kind"] == "relu-output", "n_represented"] > 8).all()
+
+
+def test_small_eager_steps_train_on_one_thread_and_restore_the_count():
+    spec = parse_spec(
+        {
+            "model": {"n_features": 5, "d_hidden": 2},
+            "train": {"steps": 20, "batch_size": 64, "engine": "eager", "checkpoint_every": 10},
+        }
+    )
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_model(TrainState.create(spec), checkpoint=lambda s: seen.append(torch.get_num_threads()))
+        assert seen == [1]  # one checkpoint, at step 10, taken inside the loop
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

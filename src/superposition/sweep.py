@@ -758,7 +758,7 @@ def run_group(out: str | Path, group_id: str, threads: int | None = None) -> Gro
         torch.set_num_threads(threads)
     start = time.perf_counter()
     try:
-        run_experiment(group.experiment(), out / RUNS / group_id, resume=True, report=False)
+        run_experiment(group.experiment(), out / RUNS / group_id, resume=True, report=False, saes=False)
     except Exception as exc:  # a failing group is recorded and must not stop the others
         error = _one_line(exc)
         _record_failure(out, group_id, error)
