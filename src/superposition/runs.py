@@ -405,17 +405,20 @@ class SafetensorsHeader(NamedTuple):
     metadata: dict[str, str]
 
 
-def _checked_file(folder: Path, name: str, limit: int | None = None) -> Path:
-    """``folder/name`` if it is a regular file inside ``folder`` (symlinks must stay inside) of at most ``limit``."""
+def _checked_file(folder: Path, name: str, limit: int | None = None, what: str = "run") -> Path:
+    """``folder/name`` if it is a regular file inside ``folder`` (symlinks must stay inside) of at most ``limit``.
+
+    ``what`` names the folder in messages ("run", "sweep", "SAE").
+    """
     f = folder / name
     if not f.exists() and not f.is_symlink():
-        raise RunFormatError(f"{folder}: not a run folder ({name} is missing)")
+        raise RunFormatError(f"{folder}: not a {what} folder ({name} is missing)")
     try:
         real, root = f.resolve(strict=True), folder.resolve(strict=True)
     except (OSError, RuntimeError):
         raise RunFormatError(f"{f}: a broken or looping link") from None
     if not real.is_relative_to(root):
-        raise RunFormatError(f"{f}: a link leading outside the run folder (to {real}); refusing to read it")
+        raise RunFormatError(f"{f}: a link leading outside the {what} folder (to {real}); refusing to read it")
     st = real.stat()
     if not stat.S_ISREG(st.st_mode):
         raise RunFormatError(f"{f}: not a regular file")

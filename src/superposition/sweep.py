@@ -540,23 +540,6 @@ _META_KEYS = ("format", "superposition_version", "spec", "plan")
 _GROUP_ID = re.compile(r"g[0-9]{1,9}")
 
 
-def _sweep_file(out: Path, name: str, limit: int) -> Path:
-    """``out/name`` if it is a regular file inside the sweep folder (links must stay inside) of at most ``limit``."""
-    f = out / name
-    try:
-        real, root = f.resolve(strict=True), out.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise RunFormatError(f"{f}: a broken or looping link") from None
-    if not real.is_relative_to(root):
-        raise RunFormatError(f"{f}: a link leading outside the sweep folder (to {real}); refusing to read it")
-    st = real.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise RunFormatError(f"{f}: not a regular file")
-    if st.st_size > limit:
-        raise RunFormatError(f"{f}: {st.st_size:,} bytes, more than the {limit:,} allowed")
-    return real
-
-
 def _read_meta(out: Path) -> dict[str, Any]:
     """sweep.json's top level, bounded and checked (its spec and plan are checked by ``_validated``)."""
     path = out / SWEEP_JSON
@@ -565,7 +548,7 @@ def _read_meta(out: Path) -> dict[str, Any]:
     if not path.exists() and not path.is_symlink():
         raise RunFormatError(f"{out}: not a sweep folder ({SWEEP_JSON} is missing)")
     try:
-        meta = json.loads(_sweep_file(out, SWEEP_JSON, MAX_SWEEP_BYTES).read_bytes().decode("utf-8"))
+        meta = json.loads(_checked_file(out, SWEEP_JSON, MAX_SWEEP_BYTES, "sweep").read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RunFormatError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(meta, dict):
@@ -1207,7 +1190,7 @@ def load_sweep(path: str | Path) -> Sweep:
             f"{path}: {RESULTS} is missing (the sweep did not finish); rerun "
             f"`superposition sweep SPEC --out {path} --resume` to rebuild it"
         )
-    results = _read_parquet(_sweep_file(path, RESULTS, MAX_TABLE_BYTES), results_file)
+    results = _read_parquet(_checked_file(path, RESULTS, MAX_TABLE_BYTES, "sweep"), results_file)
     _check_results(results_file, results, plan)
     return Sweep(path, spec, plan, results, _Runs(path, plan))
 
