@@ -298,6 +298,7 @@ def _run_sweep(
         r = experiment.sweep.report if experiment.sweep is not None else None
         if r is not None and r.threshold is not None and x and y and (result.results["status"] == "ok").any():
             table = sw.threshold_table(result.results, x, y, r.metric, r.threshold, by=by)
+            table = sw.threshold_display(table, result.results, x, y, by)
             typer.echo(f"smallest {x} with {r.metric} < {r.threshold:g}:\n{table.to_string(index=False)}")
         typer.echo(f"wrote {target / sw.RESULTS}; open {target / sw.REPORT}")
     failed = int((result.results["status"] == "failed").sum())

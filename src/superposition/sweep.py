@@ -1331,7 +1331,8 @@ def _order(results: pd.DataFrame, column: str | None) -> Callable[[Any], int]:
     return lambda v: first.get(v, len(first))
 
 
-def _threshold_display(table: pd.DataFrame, results: pd.DataFrame, x: str, y: str, by: str | None) -> pd.DataFrame:
+def threshold_display(table: pd.DataFrame, results: pd.DataFrame, x: str, y: str, by: str | None) -> pd.DataFrame:
+    """A threshold table for people: whole numbers, and 'none <= X' (the largest x tested) where none reached it."""
     shown = table.copy()
     for col in shown.columns[1:]:
         part = results if by is None else results[results[by].astype(str) == col]
@@ -1557,7 +1558,7 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str |
                 Section(
                     f"Threshold: smallest {x} with {r.metric} < {r.threshold:g}",
                     paragraphs=[f"For each {y}, the smallest {x} whose {r.metric} is below {r.threshold:g}."],
-                    tables=[_threshold_display(table, results, x, y, by)],
+                    tables=[threshold_display(table, results, x, y, by)],
                 )
             )
         figures = []
