@@ -355,12 +355,11 @@ def test_kill_and_resume_gives_the_same_table_and_weights(tmp_path):
     assert not [p for p in (killed / "runs").iterdir() if p.name.startswith(".")]  # no partial folder left
 
 
-# -- the other backends: skipped where the extra is not installed (CI installs only the dev extra), and slow (a Ray
-# start or a submitit job per group costs tens of seconds on a busy 2-core machine): run them with `pytest -m slow`.
+# -- the other backends: `make test` installs the ray and slurm extras (8 s from the registry), so CI runs both (16 s
+# together on the 2-core machine); they are skipped where an extra is not installed.
 _SMALL = {"axes": {"model.d_hidden": [1, 2, 3]}, "repeats": 2}
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install '.[ray]')")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::ResourceWarning", "ignore::FutureWarning")
 def test_ray_backend_gives_the_local_table(tmp_path):
@@ -371,7 +370,6 @@ def test_ray_backend_gives_the_local_table(tmp_path):
     _assert_same_sweep(tmp_path / "local", tmp_path / "ray")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="submitit is not installed ('.[slurm]')")
 def test_slurm_backend_local_executor_gives_the_local_table(tmp_path):
     spec = _spec(_SMALL)
