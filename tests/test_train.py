@@ -126,3 +126,27 @@ def test_small_eager_steps_train_on_one_thread_and_restore_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _fixed_dataset_spec():
+    return parse_spec(
+        {"model": {"n_features": 30, "d_hidden": 2}, "data": {"feature_probability": 0.1, "dataset_size": 50}}
+    )
+
+
+def test_fixed_dataset_is_the_seeded_cpu_draw():
+    """The training set is the first draw of a CPU generator seeded with the spec's seed: rebuildable anywhere."""
+    from superposition.data import make_sampler
+
+    spec = _fixed_dataset_spec()
+    expected = make_sampler(spec, "cpu").sample(50, torch.Generator().manual_seed(spec.seed))
+    assert torch.equal(TrainState.create(spec, torch.device("cpu")).dataset, expected)
+    run = train(spec.model_copy(update={"train": spec.train.model_copy(update={"steps": 2})}))
+    assert run.meta["dataset_device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fixed_dataset_on_cuda_equals_the_cpu_one():
+    spec = _fixed_dataset_spec()
+    cpu = TrainState.create(spec, torch.device("cpu")).dataset
+    assert torch.equal(TrainState.create(spec, torch.device("cuda")).dataset.cpu(), cpu)

@@ -16,7 +16,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -115,6 +115,7 @@ def _meta(state: TrainState, seconds: float) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "python_version": platform.python_version(),
         "platform": f"{sys.platform}-{platform.machine()}",
+        **({"dataset_device": "cpu"} if state.dataset is not None else {}),
     }
 
 
@@ -529,6 +530,8 @@ class RunMeta(BaseModel):
     device_name: str = Field("", max_length=200)
     python_version: str = Field("", max_length=100)
     platform: str = Field("", max_length=200)
+    dataset_device: Literal["cpu"] | None = None
+    """Where a fixed training set was drawn (absent: on ``device``, as runs before datasets moved to the CPU)."""
 
 
 def load_run(path: str | Path) -> Run:

@@ -1388,8 +1388,8 @@ def _best_per_size(plan: Plan, results: pd.DataFrame) -> pd.DataFrame:
 def training_geometry_data(out: str | Path, plan: Plan, results: pd.DataFrame) -> list[TrainingGeometry]:
     """For each training-set size T of the 2-D bottleneck groups with a fixed training set, the best repeat over the
     points with that T, its weights and its training set rebuilt from the group's spec (``TrainState.create`` draws
-    it from the seed). Groups trained on CUDA are rebuilt on CUDA (its random stream differs from the CPU's) and left
-    out where none is available. Loads nothing when no group fits."""
+    it from the seed, on the CPU). Groups trained on CUDA before training sets were drawn on the CPU are rebuilt on CUDA
+    and left out where none is available. Loads nothing when no group fits."""
     import torch
 
     from superposition.plots import polygon_stats
@@ -1406,7 +1406,8 @@ def training_geometry_data(out: str | Path, plan: Plan, results: pd.DataFrame) -
         point, repeat = int(row["point"]), int(row["best_repeat"])
         inst = [i for i, (p, _) in enumerate(g.members) if p == point][repeat]
         run = load_run(out / RUNS / g.id)
-        device = torch.device(run.meta["device"])
+        # Training sets are drawn on the CPU since dataset_device was recorded; older CUDA runs drew theirs on CUDA.
+        device = torch.device(run.meta.get("dataset_device") or run.meta["device"])
         if device.type == "cuda" and not torch.cuda.is_available():
             continue
         state = TrainState.create(run.spec, device)

@@ -161,7 +161,10 @@ class TrainState:
         sampler = make_sampler(spec, device, dt)
         dataset = None
         if spec.data.dataset_size is not None:
-            dataset = sampler.sample(spec.data.dataset_size, gen)
+            # A fixed training set is drawn on the CPU whatever the device (a CUDA generator draws other numbers), so
+            # it can be rebuilt on any machine; on the CPU this is the run's own generator, first use.
+            cpu_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(spec.seed)
+            dataset = make_sampler(spec, "cpu", dt).sample(spec.data.dataset_size, cpu_gen).to(device)
 
         def per_inst(key: str) -> Tensor:
             return torch.tensor([float(v) for v in spec.instance_values(key)], device=device, dtype=torch.float32)
