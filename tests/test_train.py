@@ -150,3 +150,20 @@ def test_fixed_dataset_on_cuda_equals_the_cpu_one():
     spec = _fixed_dataset_spec()
     cpu = TrainState.create(spec, torch.device("cpu")).dataset
     assert torch.equal(TrainState.create(spec, torch.device("cuda")).dataset.cpu(), cpu)
+
+
+@pytest.mark.parametrize("engine", ["eager", "fast"])
+def test_bfloat16_keeps_float32_master_weights_and_learns_the_same(engine):
+    """dtype = "bfloat16" computes in bf16 but keeps float32 weights and moments, so Adam's small steps are not
+    rounded away: after 1500 steps the weights agree with a float32 run to about one bf16 ulp at 1 (2^-8)."""
+    raw = {
+        "model": {"n_features": 12, "d_hidden": 3},
+        "task": {"importance": 0.8},
+        "data": {"feature_probability": 0.1},
+        "train": {"steps": 1500, "batch_size": 256, "engine": engine, "checkpoint_every": 0},
+    }
+    runs = {dt: train(parse_spec({**raw, "dtype": dt})) for dt in ("float32", "bfloat16")}
+    w32, w16 = runs["float32"].model.W.detach(), runs["bfloat16"].model.W.detach()
+    assert w16.dtype == torch.float32 and runs["bfloat16"].model.b_final.dtype == torch.float32
+    assert (w16 - w32).abs().max() < 0.01  # measured 0.0027 (eager), 0.0011 (fast)
+    assert (runs["bfloat16"].instances["n_represented"] == runs["float32"].instances["n_represented"]).all()

@@ -95,6 +95,8 @@ class FastConfig:
     seed: int
     any_linear: bool
     all_relu_out: bool
+    compute_dtype: torch.dtype = torch.float32
+    """Dtype of the batch, products and activations; parameters and Adam moments stay float32 (master weights)."""
 
 
 def fast_config(spec: Experiment) -> FastConfig:
@@ -127,6 +129,7 @@ def fast_config(spec: Experiment) -> FastConfig:
         seed=spec.seed,
         any_linear=m.kind == "linear" or "linear" in kinds,
         all_relu_out=all(k in ("relu-output", "neuron", "mlp") for k in kinds),
+        compute_dtype=torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32,
     )
 
 
@@ -647,10 +650,20 @@ def adam_update_(
 
 
 # -- the whole step -----------------------------------------------------------------------------------------------
+def _compute(cfg: FastConfig, params: dict[str, Tensor], tensors: dict[str, Tensor]) -> tuple[dict, Tensor | None]:
+    """The parameters (and the embedding) in the compute dtype: float32 master weights cast once per step."""
+    w_e = tensors.get("W_E")
+    if cfg.compute_dtype == torch.float32:
+        return params, w_e
+    cast = {k: v.to(cfg.compute_dtype) for k, v in params.items()}
+    return cast, (w_e.to(cfg.compute_dtype) if w_e is not None else None)
+
+
 def forward_step(cfg: FastConfig, params: dict[str, Tensor], tensors: dict[str, Tensor], x: Tensor) -> Forward:
     """The forward half of a step on a drawn batch: loss, output gradient, saved activations."""
     y = target(cfg, x, tensors["residual_factor"])
-    return forward(cfg, params, x, y, tensors["importance"], tensors["alive"], tensors["relu_out"], tensors.get("W_E"))
+    p, w_e = _compute(cfg, params, tensors)
+    return forward(cfg, p, x, y, tensors["importance"], tensors["alive"], tensors["relu_out"], w_e)
 
 
 def update_step(
@@ -663,8 +676,9 @@ def update_step(
     x: Tensor,
     fwd: Forward,
 ) -> None:
-    """The second half: gradients from the forward result, then Adam in place, then ``step += 1``."""
-    grads = backward(cfg, params, x, fwd, tensors.get("W_E"))
+    """The second half: gradients from the forward result, then Adam in place (float32), then ``step += 1``."""
+    p, w_e = _compute(cfg, params, tensors)
+    grads = backward(cfg, p, x, fwd, w_e)
     lr = tensors["lr"].to(torch.float64) * schedule_multiplier(cfg, step)
     adam_update_(params, grads, exp_avg, exp_avg_sq, step, lr, tensors["weight_decay"], cfg.decoupled)
     step.add_(1)
@@ -682,7 +696,7 @@ def train_step(
 
     ``tensors`` holds probability, importance, lr, weight_decay, residual_factor, alive, relu_out (and W_E).
     """
-    x = sample(cfg, tensors["probability"], step, next(iter(params.values())).dtype)
+    x = sample(cfg, tensors["probability"], step, cfg.compute_dtype)
     fwd = forward_step(cfg, params, tensors, x)
     update_step(cfg, params, exp_avg, exp_avg_sq, step, tensors, x, fwd)
     return fwd.loss
@@ -757,7 +771,7 @@ class FastStepper:
             self.graphs = (draw_c, fwd_c, upd_c)
 
             def compiled(params, exp_avg, exp_avg_sq, step, tensors):
-                x = draw_c(tensors["probability"], step, next(iter(params.values())).dtype)
+                x = draw_c(tensors["probability"], step, cfg.compute_dtype)
                 loss, grad_out, saved = fwd_c(params, tensors, x)
                 upd_c(params, exp_avg, exp_avg_sq, step, tensors, x, loss, grad_out, saved)
                 return loss

@@ -186,9 +186,9 @@ def instance_seeds(spec: Experiment) -> list[int]:
 
 
 def build_model(spec: Experiment, device: torch.device | str = "cpu") -> ToyModel:
-    """Build the model of an experiment from its spec alone, on the device, in the spec's dtype."""
-    dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-    return ToyModel(spec).to(device=device, dtype=dtype)
+    """Build the model of an experiment from its spec alone, on the device. Parameters are always float32 (the
+    master weights); ``spec.dtype = "bfloat16"`` only changes the dtype the training step computes in."""
+    return ToyModel(spec).to(device=device)
 
 
 class Transplant(NamedTuple):

@@ -487,7 +487,7 @@ class Experiment(_Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where to train: cpu, cuda, or auto (cuda when available)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter/compute dtype (bfloat16 is an opt-in speed trade)."""
+    """Compute dtype of the training step; parameters and Adam moments stay float32 (bfloat16: opt-in speed trade)."""
     model: ModelSpec = Field(default_factory=ModelSpec)
     """The [model] section."""
     data: DataSpec = Field(default_factory=DataSpec)

@@ -198,9 +198,12 @@ class TrainState:
         return self.dataset[idx]
 
     def loss(self, x: Tensor) -> Float[Tensor, " inst"]:
-        """Per-instance loss of the model on a batch."""
+        """Per-instance loss of the model on a batch (``dtype = "bfloat16"``: products under bf16 autocast)."""
         y = target_fn(self.spec.task.target, x, self.residual_factor)
-        return per_instance_loss(self.model(x), y, self.importance, self.spec.task.loss)
+        bf16 = self.spec.dtype == "bfloat16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = self.model(x)
+        return per_instance_loss(out.float(), y, self.importance, self.spec.task.loss)
 
     def eager_step(self) -> Float[Tensor, " inst"]:
         """One plain step: sample, forward, per-instance loss summed, backward, Adam."""
