@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,7 +317,7 @@ def test_engine_choice(monkeypatch):
         "eager"
     )
     fixed = _spec({"n_features": 20}, data={"dataset_size": 100}, train={"steps": 10**6, "engine": "fast"})
-    assert fast.choose_engine(fixed, cpu).engine == "eager"
+    assert fast.choose_engine(fixed, cpu).engine == "fast"  # fixed training sets run on the fused step too
     monkeypatch.setattr(fast, "compile_available", lambda device: False)
     assert fast.choose_engine(long, cpu).engine == "eager"
     assert fast.choose_engine(_spec({"n_features": 5}, train={"engine": "fast"}), cpu).engine == "fast-uncompiled"
@@ -476,3 +477,40 @@ def test_cuda_fast_engine_matches_cpu_and_resumes(name):
     _run_steps(resumed, 10)
     for k, v in gpu.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
+def test_fixed_full_batch_dataset_trains_the_same_on_both_engines(no_compiler, one_thread):
+    """A training set no larger than a batch is the whole batch in both engines: same data every step, so the
+    fused step and the eager one trace the same trajectory up to float rounding."""
+    spec = _spec(
+        {"n_features": 12, "d_hidden": 2},
+        data={"dataset_size": 40, "feature_probability": 0.2},
+        train={"steps": 300, "optimizer": "adamw", "weight_decay": 0.01},
+        instances={"seed": [0, 1, 2]},
+    )
+    runs = {
+        e: train(spec.model_copy(update={"train": spec.train.model_copy(update={"engine": e})}))
+        for e in ("eager", "fast")
+    }
+    assert runs["fast"].meta["engine"] == "fast-uncompiled" and runs["eager"].meta["engine"] == "eager"
+    for name in ("W", "b_final"):
+        a, b = getattr(runs["eager"].model, name).detach(), getattr(runs["fast"].model, name).detach()
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (name, (a - b).abs().max())
+    np.testing.assert_allclose(runs["fast"].instances["train_loss"], runs["eager"].instances["train_loss"], rtol=1e-3)
+
+
+def test_fixed_dataset_larger_than_a_batch_is_drawn_uniformly():
+    """T > batch: each step takes batch_size columns of the training set, uniformly with replacement, the same
+    columns for every instance. 100 steps x 64 draws over T = 80: every count is Binomial(6400, 1/80), mean 80,
+    sd 8.9; all 80 within 5 sd is certain to 1e-4."""
+    spec = _spec({"n_features": 6, "d_hidden": 2}, data={"dataset_size": 80}, instances={"seed": [0, 1]})
+    cfg = fast.fast_config(spec)
+    data = torch.arange(2 * 6 * 80, dtype=torch.float32).view(2, 6, 80)  # column t holds values ... + t
+    counts = torch.zeros(80)
+    for step in range(100):
+        x = fast.training_batch(cfg, {"dataset": data}, torch.tensor(step))
+        assert x.shape == (2, 6, 64)
+        cols = x[0, 0].long()
+        assert torch.equal(data[:, :, cols], x)  # whole columns, the same for both instances
+        counts += torch.bincount(cols, minlength=80)
+    assert (counts - 80).abs().max() < 5 * 8.9

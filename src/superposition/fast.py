@@ -97,6 +97,8 @@ class FastConfig:
     all_relu_out: bool
     compute_dtype: torch.dtype = torch.float32
     """Dtype of the batch, products and activations; parameters and Adam moments stay float32 (master weights)."""
+    dataset_size: int = 0
+    """Points of a fixed training set (``tensors["dataset"]``, feature-major); 0: fresh samples every step."""
 
 
 def fast_config(spec: Experiment) -> FastConfig:
@@ -130,13 +132,12 @@ def fast_config(spec: Experiment) -> FastConfig:
         any_linear=m.kind == "linear" or "linear" in kinds,
         all_relu_out=all(k in ("relu-output", "neuron", "mlp") for k in kinds),
         compute_dtype=torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32,
+        dataset_size=d.dataset_size or 0,
     )
 
 
 def fast_applies(spec: Experiment) -> str | None:
-    """Why the fast engine cannot train this experiment, or None when it can."""
-    if spec.data.dataset_size is not None:
-        return "a fixed dataset (data.dataset_size) is trained by the eager engine"
+    """Why the fast engine cannot train this experiment, or None when it can (today: every experiment)."""
     return None
 
 
@@ -177,6 +178,7 @@ def estimated_eager_seconds(spec: Experiment, device_type: str) -> float:
     """A deterministic estimate of the eager engine's training time for a spec on a device type."""
     dev = "cuda" if device_type == "cuda" else "cpu"
     m, inst, bs = spec.model, spec.n_instances, spec.train.batch_size
+    bs = min(bs, spec.data.dataset_size or bs)  # a fixed training set smaller than a batch is the whole batch
     n, h = m.n_features, m.d_hidden
     elements = bs * inst * n
     if m.kind == "residual-mlp":
@@ -278,6 +280,22 @@ def _magnitude(cfg: FastConfig, v: Tensor, seed: int, step: Tensor, stream: int)
     w = uniform(tuple(v.shape), seed, step, stream, v.device)
     z = torch.sqrt(-2.0 * torch.log1p(-v)) * torch.cos((2 * math.pi) * w)
     return (0.5 + 0.2 * z).clamp(0, 1)
+
+
+def training_batch(
+    cfg: FastConfig, tensors: dict[str, Tensor], step: Tensor, dtype: torch.dtype = torch.float32
+) -> Float[Tensor, "inst feats batch"]:
+    """The batch of a step: fresh samples, or a fixed training set (all of it when it fits in a batch, else
+    ``batch_size`` points drawn uniformly with replacement from the stream of ``step``, shared by the instances as in
+    the eager engine)."""
+    if not cfg.dataset_size:
+        return sample(cfg, tensors["probability"], step, dtype)
+    data = tensors["dataset"]  # (inst, feats, T)
+    if cfg.dataset_size <= cfg.batch_size:
+        return data.to(dtype)
+    u = uniform((cfg.batch_size,), cfg.seed, step, 7, data.device)
+    idx = (u * cfg.dataset_size).long().clamp_max(cfg.dataset_size - 1)
+    return data[:, :, idx].to(dtype)
 
 
 def sample(
@@ -696,7 +714,7 @@ def train_step(
 
     ``tensors`` holds probability, importance, lr, weight_decay, residual_factor, alive, relu_out (and W_E).
     """
-    x = sample(cfg, tensors["probability"], step, cfg.compute_dtype)
+    x = training_batch(cfg, tensors, step, cfg.compute_dtype)
     fwd = forward_step(cfg, params, tensors, x)
     update_step(cfg, params, exp_avg, exp_avg_sq, step, tensors, x, fwd)
     return fwd.loss
@@ -753,8 +771,8 @@ class FastStepper:
                 self._fn = step_fn
                 return step_fn
 
-            def draw(probability, step, dtype):
-                return sample(cfg, probability, step, dtype)
+            def draw(tensors, step, dtype):
+                return training_batch(cfg, tensors, step, dtype)
 
             def fwd_fn(params, tensors, x):
                 return tuple(forward_step(cfg, params, tensors, x))
@@ -771,7 +789,7 @@ class FastStepper:
             self.graphs = (draw_c, fwd_c, upd_c)
 
             def compiled(params, exp_avg, exp_avg_sq, step, tensors):
-                x = draw_c(tensors["probability"], step, cfg.compute_dtype)
+                x = draw_c(tensors, step, cfg.compute_dtype)
                 loss, grad_out, saved = fwd_c(params, tensors, x)
                 upd_c(params, exp_avg, exp_avg_sq, step, tensors, x, loss, grad_out, saved)
                 return loss

@@ -146,6 +146,7 @@ class TrainState:
     engine: str = "eager"
     engine_reason: str = ""
     fast: FastStepper | None = None
+    _dataset_fm: Tensor | None = None  # the fixed training set, feature-major (inst, feats, T), for the fast engine
 
     @property
     def params(self) -> dict[str, Tensor]:
@@ -240,6 +241,10 @@ class TrainState:
         }
         if self.spec.model.kind == "residual-mlp":
             tensors["W_E"] = self.model.W_E
+        if self.dataset is not None:
+            if self._dataset_fm is None:  # the fixed training set, feature-major, made once
+                self._dataset_fm = self.dataset.permute(1, 2, 0).contiguous()
+            tensors["dataset"] = self._dataset_fm
         loss = self.fast(params, self.adam.exp_avg, self.adam.exp_avg_sq, self.step, tensors)
         if self.engine == "fast" and not self.fast.compile:
             self.engine, self.engine_reason = "fast-uncompiled", f"torch.compile failed ({self.fast.fallback})"
