@@ -566,11 +566,12 @@ def load_result(name: str, out: Path) -> Any:
     return sw.load_sweep(out) if (out / "sweep.json").is_file() else load_run(out)
 
 
-def where(device: str, threads: int) -> str:
-    """Where a preset trained, for the wall-time column."""
+def where(device: str, threads: int, workers: int = 1) -> str:
+    """Where a preset trained, for the wall-time column (``workers``: parallel sweep workers)."""
     if device == "cuda":
         return f"GPU: {torch.cuda.get_device_name(0)}"
-    return f"{threads} CPU thread{'s' if threads > 1 else ''}"
+    each = f"{threads} CPU thread{'s' if threads > 1 else ''}"
+    return f"{workers} workers × {each}" if workers > 1 else each
 
 
 def _duration(seconds: float) -> str:
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = train_preset(name, out, args.quick, args.threads, overrides, args.workers)
             record = {
                 "seconds": seconds,
-                "where": where(args.device, args.threads),
+                "where": where(args.device, args.threads, args.workers if (out / "sweep.json").is_file() else 1),
                 "machine": args.machine,
                 "finished": time.strftime("%Y-%m-%d %H:%M"),
             }
