@@ -659,6 +659,24 @@ def test_untampered_copy_opens_and_runs_holds_only_planned_groups(good_sweep, tm
     assert sw.read_plan(folder) == s.plan == sw.make_plan(_spec(_GOOD_SWEEP))
 
 
+def test_stored_plan_estimates_may_differ_from_this_version(good_sweep, tmp_path):
+    """Memory and work are estimates: a folder whose plan was estimated differently (another version) still opens,
+    with this version's estimates; the plan's identity (groups, members, specs) must still match."""
+    folder = tmp_path / "s"
+    shutil.copytree(good_sweep, folder)
+
+    def scale(meta):
+        for g in meta["plan"]["groups"]:
+            g["memory"], g["work"] = g["memory"] * 3, g["work"] / 7
+
+    _edit_meta(folder, scale)
+    s = load_sweep(folder)
+    assert s.plan == sw.make_plan(_spec(_GOOD_SWEEP))
+    _edit_meta(folder, lambda meta: meta["plan"]["groups"][0].update(members=[[1, 0]]))
+    with pytest.raises(sw.RunFormatError, match="not the plan of its spec"):
+        load_sweep(folder)
+
+
 def _digest(folder: Path) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):

@@ -229,7 +229,7 @@ def _per_instance(spec: Experiment) -> tuple[int, float]:
     """(estimated training bytes, relative work) of one instance of an experiment."""
     m, t = spec.model, spec.train
     n, h = m.n_features, m.d_hidden
-    b = t.batch_size
+    b = min(t.batch_size, spec.data.dataset_size or t.batch_size)  # a smaller fixed training set is the whole batch
     if m.kind == "residual-mlp":
         e, L = int(m.d_embed or n), m.n_layers
         params = L * 2 * h * e + (L * h if m.bias_hidden else 0) + (L * e if m.bias_out else 0)
@@ -621,6 +621,19 @@ def _group_dir(out: Path, group_id: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+_ESTIMATES = ("memory", "work")
+"""Group fields that are estimates, not identity: a newer version may estimate them differently."""
+
+
+def _identity(plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan without its groups' estimates: what a stored plan must share with a fresh ``make_plan``."""
+    groups = plan.get("groups")
+    if not isinstance(groups, list):
+        return plan
+    stripped = [{k: v for k, v in g.items() if k not in _ESTIMATES} if isinstance(g, dict) else g for g in groups]
+    return {**plan, "groups": stripped}
+
+
 def _validated(out: Path, meta: dict[str, Any]) -> tuple[Experiment, Plan]:
     """The stored spec and plan, trusting neither: the plan must be the one the spec gives (``make_plan``).
 
@@ -659,8 +672,8 @@ def _validated(out: Path, meta: dict[str, Any]) -> tuple[Experiment, Plan]:
         planned = _planned(json.dumps(meta["spec"], sort_keys=True))
     except SpecError as exc:
         raise RunFormatError(f"{path}: the spec cannot be planned: {exc}") from None
-    if json.dumps(raw, sort_keys=True) != planned:
-        where = _first_difference(raw, json.loads(planned))
+    if _identity(raw) != _identity(json.loads(planned)):
+        where = _first_difference(_identity(raw), _identity(json.loads(planned)))
         raise RunFormatError(
             f"{path}: the stored plan is not the plan of its spec (first difference at {where}); the file was edited "
             f"or written by another version (superposition {meta['superposition_version'][:40]})"
