@@ -32,3 +32,32 @@ def tiny_spec():
         return parse_spec(raw)
 
     return make
+
+
+class CheckpointCrash(Exception):
+    """Raised right after a checkpoint is written, to stand for a process killed there."""
+
+
+@pytest.fixture
+def crash_and_resume(monkeypatch):
+    """``crash_and_resume(spec, out, at_step)``: train ``spec`` into ``out``, crash right after the checkpoint of
+    ``at_step`` (asserting that nothing was published and the checkpoint is there), then resume; returns the run."""
+    import superposition.runs as runs_module
+    from superposition.runs import partial_dir, run
+
+    def go(spec, out, at_step):
+        real_save = runs_module._save_checkpoint
+
+        def save_then_crash(folder, state):
+            real_save(folder, state)
+            if state.step == at_step:
+                raise CheckpointCrash
+
+        monkeypatch.setattr(runs_module, "_save_checkpoint", save_then_crash)
+        with pytest.raises(CheckpointCrash):
+            run(spec, out)
+        assert not out.exists() and (partial_dir(out) / "checkpoint.safetensors").is_file()
+        monkeypatch.setattr(runs_module, "_save_checkpoint", real_save)
+        return run(spec, out, resume=True)
+
+    return go

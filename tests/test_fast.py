@@ -333,10 +333,8 @@ def test_same_seed_same_weights_and_engine_in_meta(no_compiler, one_thread):
     assert not torch.equal(a.model.W, other.model.W)
 
 
-def test_fast_resume_is_bit_identical(tmp_path, no_compiler, one_thread, monkeypatch):
+def test_fast_resume_is_bit_identical(tmp_path, no_compiler, one_thread, crash_and_resume):
     import pandas as pd
-
-    import superposition.runs as runs_module
 
     spec = _spec(
         {"n_features": 6, "d_hidden": 2},
@@ -344,21 +342,7 @@ def test_fast_resume_is_bit_identical(tmp_path, no_compiler, one_thread, monkeyp
         instances={"seed": [0, 1]},
     )
     straight = run(spec, tmp_path / "a")
-    real_save = runs_module._save_checkpoint
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(folder, state):
-        real_save(folder, state)
-        if state.step == 40:
-            raise Crash
-
-    monkeypatch.setattr(runs_module, "_save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        run(spec, tmp_path / "b")
-    monkeypatch.setattr(runs_module, "_save_checkpoint", real_save)
-    resumed = run(spec, tmp_path / "b", resume=True)
+    resumed = crash_and_resume(spec, tmp_path / "b", at_step=40)
     assert resumed.meta["engine"] == "fast-uncompiled"
     for k, v in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[k], v), k

@@ -51,29 +51,10 @@ def test_run_folder_appears_only_when_complete(tmp_path, tiny_spec):
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
 
 
-def test_resume_from_checkpoint_is_bit_identical(tmp_path, tiny_spec, monkeypatch):
-    import superposition.runs as runs_module
-
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, tiny_spec, crash_and_resume):
     spec = tiny_spec(train={"checkpoint_every": 20, "steps": 60}, instances={"seed": [0, 1]})
     straight = run(spec, tmp_path / "a")
-
-    real_save = runs_module._save_checkpoint
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(folder, state):
-        real_save(folder, state)
-        if state.step == 40:
-            raise Crash
-
-    monkeypatch.setattr(runs_module, "_save_checkpoint", save_then_crash)
-    out = tmp_path / "b"
-    with pytest.raises(Crash):
-        run(spec, out)
-    assert not out.exists() and (partial_dir(out) / "checkpoint.safetensors").is_file()
-    monkeypatch.setattr(runs_module, "_save_checkpoint", real_save)
-    resumed = run(spec, out, resume=True)
+    resumed = crash_and_resume(spec, tmp_path / "b", at_step=40)
     assert resumed.history["step"].tolist() == straight.history["step"].tolist()
     for k, v in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[k], v)
