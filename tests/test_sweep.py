@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -783,3 +784,16 @@ def test_sweep_points_have_no_report_until_asked(tmp_path):
     assert not any((p / "report.html").exists() for p in points)
     assert main(["report", str(points[0])]) == 0
     assert (points[0] / "report.html").stat().st_size > 1_000_000
+
+
+def test_report_command_rebuilds_a_sweep_report(good_sweep, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(good_sweep, folder)
+    (folder / "report.html").unlink()
+    assert main(["report", str(folder)]) == 0
+    page = (folder / "report.html").read_text()
+    assert "Heatmaps" in page or "Lines" in page
+    loaded = load_sweep(folder)
+    fresh = sw.render_sweep(loaded.spec, loaded.plan, loaded.results, folder)
+    nonce = re.compile(r"nonce(-|=\")[A-Za-z0-9_+/=-]+")  # a fresh CSP nonce per page
+    assert nonce.sub("", page) == nonce.sub("", fresh)

@@ -189,12 +189,13 @@ def resume_cmd(
 
 
 @app.command("report")
-def report_cmd(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder.")]) -> None:
-    """Rebuild a run folder's report.html (atomically) from its saved weights and tables."""
+def report_cmd(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder or a sweep folder.")]) -> None:
+    """Rebuild a run's (or a sweep's) report.html (atomically) from its saved weights and tables."""
     from superposition.report import write_report
     from superposition.runs import load_run
+    from superposition.sweep import SWEEP_JSON, write_sweep_report
 
-    path = write_report(load_run(run_dir))
+    path = write_sweep_report(run_dir) if (run_dir / SWEEP_JSON).exists() else write_report(load_run(run_dir))
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

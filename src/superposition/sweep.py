@@ -1541,6 +1541,14 @@ def _training_geometry_sections(out: str | Path | None, plan: Plan, results: pd.
     ]
 
 
+def write_sweep_report(out: str | Path) -> Path:
+    """Rebuild a finished sweep folder's report.html (atomically) from its stored spec, plan and results."""
+    out = Path(out)
+    result = load_sweep(out)
+    _atomic_write_text(out / REPORT, render_sweep(result.spec, result.plan, result.results, out))
+    return out / REPORT
+
+
 def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str | Path | None = None) -> str:
     """The sweep's report.html: plan, threshold read-out, heatmaps and lines per panel value, training geometry
     (fixed 2-D training sets; needs the folder ``out``), results, failures."""
