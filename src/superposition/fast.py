@@ -22,6 +22,7 @@ The functions here run uncompiled too (the tests check them that way); :class:`F
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import math
@@ -43,7 +44,6 @@ __all__ = [
     "FastStepper",
     "Grads",
     "fast_config",
-    "fast_applies",
     "choose_engine",
     "EngineChoice",
     "estimated_eager_seconds",
@@ -136,11 +136,6 @@ def fast_config(spec: Experiment) -> FastConfig:
     )
 
 
-def fast_applies(spec: Experiment) -> str | None:
-    """Why the fast engine cannot train this experiment, or None when it can (today: every experiment)."""
-    return None
-
-
 def compile_available(device: torch.device) -> bool:
     """Whether torch.compile can build kernels here (a C++ compiler on CPU, Triton on CUDA)."""
     try:
@@ -195,9 +190,6 @@ def choose_engine(spec: Experiment, device: torch.device) -> EngineChoice:
     asked = spec.train.engine
     if asked == "eager":
         return EngineChoice("eager", "asked for")
-    why_not = fast_applies(spec)
-    if why_not is not None:
-        return EngineChoice("eager", why_not)
     can_compile = compile_available(device)
     if asked == "fast":
         if can_compile:
@@ -341,24 +333,33 @@ def sample(
     return x.to(dtype)
 
 
+@functools.cache
+def _tree_decisions(depth: int) -> tuple[tuple[list[int], list[bool], list[bool]], ...]:
+    """For each level m = 1..depth, per feature (level by level, the root dropped): the internal node whose decision
+    picks the feature's ancestor at level m, whether that ancestor is the upper child, and whether the feature has an
+    ancestor at level m at all (features shallower than m do not; their entry is unused)."""
+    out = []
+    for m in range(1, depth + 1):
+        node, upper, used = [], [], []
+        for level in range(1, depth + 1):
+            for k in range(2**level):
+                anc = k >> (level - m) if level >= m else 0
+                node.append(2 ** (m - 1) - 1 + (anc >> 1) if level >= m else 0)
+                upper.append(bool(anc & 1) and level >= m)
+                used.append(level >= m)
+        out.append((node, upper, used))
+    return tuple(out)
+
+
 def _tree(cfg: FastConfig, inst: int, bs: int, seed: int, step: Tensor, dev: torch.device) -> Tensor:
     # One uniform per internal node: node k of level l (the root is level 0) reads u[2^l - 1 + k]; its children are
     # nodes 2k (taken when u < half) and 2k + 1 (half <= u < 2 half) of level l + 1. A feature is on when every
     # decision on its path from the root chose it, so each feature is an AND of one gathered uniform per ancestor
     # level: one fused elementwise pass, where building the tree level by level (stack, flatten, cat) does not fuse.
-    depth = cfg.tree_depth
-    u = uniform((inst, 2**depth - 1, bs), seed, step, 6, dev)
+    u = uniform((inst, 2**cfg.tree_depth - 1, bs), seed, step, 6, dev)
     half = 0.25 if cfg.early_stopping else 0.5
     on = None
-    for m in range(1, depth + 1):  # the decision that picks each feature's ancestor at level m
-        node, upper, used = [], [], []
-        for level in range(1, depth + 1):
-            for k in range(2**level):
-                if level < m:  # a shallower feature has no ancestor at level m: no condition (index 0, unused)
-                    node.append(0), upper.append(False), used.append(False)
-                    continue
-                anc = k >> (level - m)
-                node.append(2 ** (m - 1) - 1 + (anc >> 1)), upper.append(bool(anc & 1)), used.append(True)
+    for node, upper, used in _tree_decisions(cfg.tree_depth):
         um = u[:, torch.tensor(node, device=dev)]
         chosen = (
             torch.where(torch.tensor(upper, device=dev)[:, None], (um >= half) & (um < 2 * half), um < half)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -164,8 +165,10 @@ class TrainState:
         if spec.data.dataset_size is not None:
             # A fixed training set is drawn on the CPU whatever the device (a CUDA generator draws other numbers), so
             # it can be rebuilt on any machine; on the CPU this is the run's own generator, first use.
-            cpu_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(spec.seed)
-            dataset = make_sampler(spec, "cpu", dt).sample(spec.data.dataset_size, cpu_gen).to(device)
+            on_cpu = device.type == "cpu"
+            cpu_gen = gen if on_cpu else torch.Generator().manual_seed(spec.seed)
+            cpu_sampler = sampler if on_cpu else make_sampler(spec, "cpu", dt)
+            dataset = cpu_sampler.sample(spec.data.dataset_size, cpu_gen).to(device)
 
         def per_inst(key: str) -> Tensor:
             return torch.tensor([float(v) for v in spec.instance_values(key)], device=device, dtype=torch.float32)
@@ -320,7 +323,7 @@ def train_model(
     state: TrainState,
     *,
     progress: bool = False,
-    checkpoint: callable | None = None,  # type: ignore[valid-type]
+    checkpoint: Callable[[TrainState], None] | None = None,
 ) -> Trained:
     """Run the loop from ``state.step`` to ``spec.train.steps``; ``checkpoint(state)`` is called on schedule."""
     spec = state.spec
@@ -345,7 +348,8 @@ def train_model(
     return Trained(state, time.perf_counter() - start)
 
 
-def _loop(state: TrainState, bar, checkpoint) -> None:  # noqa: ANN001 - tqdm bar and callback, both optional
+def _loop(state: TrainState, bar: Any, checkpoint: Callable[[TrainState], None] | None) -> None:
+    """The steps from ``state.step`` to the end: history, divergence checks, progress bar, checkpoints."""
     t = state.spec.train
     while state.step < t.steps:
         step = state.step
