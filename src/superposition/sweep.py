@@ -545,9 +545,7 @@ def _read_meta(out: Path) -> dict[str, Any]:
     path = out / SWEEP_JSON
     if not out.is_dir():
         raise RunFormatError(f"{out}: {'not a folder' if out.exists() else 'no such sweep folder'}")
-    if not path.exists() and not path.is_symlink():
-        raise RunFormatError(f"{out}: not a sweep folder ({SWEEP_JSON} is missing)")
-    try:
+    try:  # _checked_file: "not a sweep folder (sweep.json is missing)", links, size
         meta = json.loads(_checked_file(out, SWEEP_JSON, MAX_SWEEP_BYTES, "sweep").read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RunFormatError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
