@@ -553,7 +553,7 @@ def _read_meta(out: Path) -> dict[str, Any]:
         raise RunFormatError(f"{path}: not a sweep file (not a JSON object)")
     if meta.get("format") != FORMAT:
         found = meta.get("format")
-        shown = repr(found)[:80] if isinstance(found, str) else "missing"
+        shown = repr(found)[:80] if found is not None else "missing"
         raise RunFormatError(f"{path}: not a sweep file of this version (format {shown}, expected {FORMAT!r})")
     extra = sorted(k for k in meta if k not in _META_KEYS)
     if extra:
