@@ -117,22 +117,18 @@ def run_cmd(
             f"open {target / 'report.html'}"
         )
     if experiment.sae is not None:  # a spec with an [sae] section trains its SAEs on the new run next
-        _train_saes(result, None, overwrite=True, device=device, quiet=quiet)
+        _train_saes(result, experiment.sae, overwrite=True, device=device, quiet=quiet)
 
 
 def _train_saes(run, spec, *, overwrite: bool, device: str | None, quiet: bool) -> None:
-    """Train ``spec`` on the run and print each SAE's summary; ``spec=None``: the run's own [sae] section, trained
-    exactly as the library's ``superposition.run`` trains it (:func:`superposition.sae.run_spec_saes`)."""
-    from superposition.sae import run_saes, run_spec_saes, summary_table
+    """Train ``spec`` on the run and print each SAE's summary (for the run's own [sae] section with overwrite, what
+    the library's ``superposition.run`` does through :func:`superposition.sae.run_spec_saes`)."""
+    from superposition.sae import run_saes, summary_table
 
     if not quiet:
-        typer.echo(f"training SAEs ({', '.join((spec or run.spec.sae).architectures)}) on {run.path}")
+        typer.echo(f"training SAEs ({', '.join(spec.architectures)}) on {run.path}")
     progress = not quiet and sys.stderr.isatty()
-    if spec is None:
-        saes = run_spec_saes(run, device=device, progress=progress)
-    else:
-        saes = run_saes(run, spec, overwrite=overwrite, device=device, progress=progress)
-    for sae in saes:
+    for sae in run_saes(run, spec, overwrite=overwrite, device=device, progress=progress):
         if not quiet:
             cols = ["sparsity", "resample_method", "mmcs_features", "recovered_99", "n_true", "dead", "l0", "fvu"]
             table = summary_table(sae.scores)[cols + ["all_recovered_99"]]
