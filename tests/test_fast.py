@@ -57,6 +57,9 @@ MODELS = {
     "neuron-none-l1": ({"kind": "neuron", "n_features": 5, "d_hidden": 4, "activation": "none"}, {"loss": "l1"}),
     "mlp-abs": ({"kind": "mlp", "n_features": 30, "d_hidden": 20}, {"target": "abs"}),
     "relu-output-gemm": ({"kind": "relu-output", "n_features": 40, "d_hidden": 20}, {}),
+    # hidden >= fast.WIDE_HIDDEN: the decoder gradient in the other BLAS orientation
+    "relu-output-wide": ({"kind": "relu-output", "n_features": 40, "d_hidden": 24}, {}),
+    "mlp-abs-wide": ({"kind": "mlp", "n_features": 30, "d_hidden": 24}, {"target": "abs"}),
     "residual-skip": (
         {"kind": "residual-mlp", "n_features": 8, "d_hidden": 4, "d_embed": 30, "n_layers": 2, "bias_hidden": True},
         {"target": "relu-plus-x", "residual_factor": 0.5},
