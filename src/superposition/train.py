@@ -147,7 +147,7 @@ class TrainState:
     engine: str = "eager"
     engine_reason: str = ""
     fast: FastStepper | None = None
-    _dataset_fm: Tensor | None = None  # the fixed training set, feature-major (inst, feats, T), for the fast engine
+    _fast_inputs: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None  # the fused step's arguments
 
     @property
     def params(self) -> dict[str, Tensor]:
@@ -232,6 +232,19 @@ class TrainState:
         """One fused step of the fast engine (compiled on first use); same contract as :meth:`eager_step`."""
         if self.fast is None:
             self.fast = FastStepper(self.spec, compile=self.engine == "fast")
+        if self._fast_inputs is None:
+            self._fast_inputs = self._make_fast_inputs()
+        params, tensors = self._fast_inputs
+        loss = self.fast(params, self.adam.exp_avg, self.adam.exp_avg_sq, self.step, tensors)
+        if self.engine == "fast" and not self.fast.compile:
+            self.engine, self.engine_reason = "fast-uncompiled", f"torch.compile failed ({self.fast.fallback})"
+        self.step += 1
+        self.adam.step = self.step
+        return loss
+
+    def _make_fast_inputs(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The fused step's arguments, made once: views of the live tensors, which every step and checkpoint load
+        changes in place (the fixed training set is copied once, feature-major)."""
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         tensors = {
             "probability": self.sampler.probability,
@@ -245,15 +258,8 @@ class TrainState:
         if self.spec.model.kind == "residual-mlp":
             tensors["W_E"] = self.model.W_E
         if self.dataset is not None:
-            if self._dataset_fm is None:  # the fixed training set, feature-major, made once
-                self._dataset_fm = self.dataset.permute(1, 2, 0).contiguous()
-            tensors["dataset"] = self._dataset_fm
-        loss = self.fast(params, self.adam.exp_avg, self.adam.exp_avg_sq, self.step, tensors)
-        if self.engine == "fast" and not self.fast.compile:
-            self.engine, self.engine_reason = "fast-uncompiled", f"torch.compile failed ({self.fast.fallback})"
-        self.step += 1
-        self.adam.step = self.step
-        return loss
+            tensors["dataset"] = self.dataset.permute(1, 2, 0).contiguous()  # (inst, feats, T)
+        return params, tensors
 
     def train_step(self) -> Float[Tensor, " inst"]:
         """One step of the state's engine."""
