@@ -208,7 +208,7 @@ def _both(raw, n=N):
     """(eager, fast) samples of the same spec, both as (batch, inst, feats)."""
     spec = parse_spec({**raw, "train": {"batch_size": n}})
     eager = make_sampler(spec).sample(n, torch.Generator().manual_seed(0))
-    fst = fast.sample(fast.fast_config(spec), make_sampler(spec).probability, torch.tensor(3))
+    fst = fast.sample(fast.fast_config(spec), make_sampler(spec).probability, torch.tensor(3), spec.seed)
     return eager, fst.permute(2, 0, 1)
 
 
@@ -495,7 +495,7 @@ def test_fixed_dataset_larger_than_a_batch_is_drawn_uniformly():
     data = torch.arange(2 * 6 * 80, dtype=torch.float32).view(2, 6, 80)  # column t holds values ... + t
     counts = torch.zeros(80)
     for step in range(100):
-        x = fast.training_batch(cfg, {"dataset": data}, torch.tensor(step))
+        x = fast.training_batch(cfg, {"dataset": data, "keys": fast.stream_keys(0)}, torch.tensor(step))
         assert x.shape == (2, 6, 64)
         cols = x[0, 0].long()
         assert torch.equal(data[:, :, cols], x)  # whole columns, the same for both instances

@@ -9,9 +9,12 @@ number, so ``torch.compile`` turns the whole step into a few fused loops (and, o
   uninterrupted one would, without any generator state. One uniform gives both the mask and the value of a
   feature: given u < p, u / p is uniform on [0, 1). The stream differs from the eager engine's ``torch.Generator``
   stream; its statistics are the same (tests/test_fast.py).
-- **Instance-major layout.** Batches are drawn as (inst, batch, feats), so every product is a batched matmul over
-  contiguous instances (no permute copies); products with a tiny contraction or output are written as
-  broadcast-multiply-sums that the compiler fuses with their neighbours.
+  The seed enters the compiled step as data (:func:`stream_keys`), so runs that differ only in their seed share
+  one compiled program.
+- **Feature-major layout.** Batches are drawn as (inst, feats, batch), so every fused loop runs long and
+  vectorised along the batch and every product is a batched matmul over contiguous instances (no permute
+  copies); products with a tiny contraction or output are written as broadcast-multiply-sums that the compiler
+  fuses with their neighbours.
 - **Hand-derived backward.** The model family is small; writing its gradients out avoids autograd's graph and
   lets the compiler fuse the backward with the forward and the optimiser.
 - **Fused Adam/AdamW** with per-instance learning rate and weight decay, the schedule and bias corrections
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from superposition.spec import Experiment
@@ -92,7 +95,6 @@ class FastConfig:
     schedule: str
     steps: int
     warmup_steps: int
-    seed: int
     any_linear: bool
     all_relu_out: bool
     compute_dtype: torch.dtype = torch.float32
@@ -128,7 +130,6 @@ def fast_config(spec: Experiment) -> FastConfig:
         schedule=tr.schedule,
         steps=tr.steps,
         warmup_steps=tr.warmup_steps,
-        seed=spec.seed,
         any_linear=m.kind == "linear" or "linear" in kinds,
         all_relu_out=all(k in ("relu-output", "neuron", "mlp") for k in kinds),
         compute_dtype=torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32,
@@ -232,17 +233,36 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def _keys(seed: int, step: Tensor, stream: int) -> tuple[Tensor, Tensor]:
-    """Two 32-bit keys for (seed, step, stream); the step enters through the hash, never as a plain offset."""
+# Random streams of a step (0 the features, 1-5 pairs and magnitudes, 6 the tree, 7 the training-set index).
+N_STREAMS = 8
+
+
+def _stream_key(seed: int, stream: int) -> tuple[int, int]:
     s1 = _mix32_int(seed * 0x9E3779B9 + stream * 0x632BE5AB + 0x5BD1E995)
-    s2 = _mix32_int(s1 ^ (seed >> 32) ^ 0x27D4EB2F)
+    return s1, _mix32_int(s1 ^ (seed >> 32) ^ 0x27D4EB2F)
+
+
+def stream_keys(seed: int, device: torch.device | str = "cpu") -> Int[Tensor, "stream 2"]:
+    """The seed's two 32-bit keys per stream, as a tensor: the compiled step reads the seed as data, so runs that
+    differ only in their seed share one compiled program (and Inductor's on-disk cache)."""
+    return torch.tensor([_stream_key(seed, s) for s in range(N_STREAMS)], dtype=torch.int64, device=device)
+
+
+def _keys(seed: int | Tensor, step: Tensor, stream: int) -> tuple[Tensor, Tensor]:
+    """Two 32-bit keys for (seed, step, stream); the step enters through the hash, never as a plain offset.
+    ``seed`` is the seed itself or its :func:`stream_keys` (the same numbers)."""
+    if isinstance(seed, Tensor):
+        s1, s2 = seed[stream, 0], _as_int32(seed[stream, 1])
+    else:
+        s1, s2 = _stream_key(seed, stream)
+        s2 = s2 - (s2 >> 31 << 32)  # as a signed 32-bit constant
     k1 = _mix32(_as_int32((step.to(torch.int64) * 0x2545F491 + s1) & M32))
-    k2 = _mix32(k1 ^ (s2 - (s2 >> 31 << 32)))  # s2 as a signed 32-bit constant
+    k2 = _mix32(k1 ^ s2)
     return k1, k2
 
 
 def uniform(
-    shape: tuple[int, ...], seed: int, step: Tensor, stream: int, device: torch.device | str = "cpu"
+    shape: tuple[int, ...], seed: int | Tensor, step: Tensor, stream: int, device: torch.device | str = "cpu"
 ) -> Float[Tensor, "..."]:
     """Uniforms on [0, 1) as a keyed hash of each element's index: the same (seed, step, stream) gives the same numbers.
 
@@ -262,7 +282,7 @@ def uniform(
     return (((h >> 1) & 0x7FFF_FFFF).to(torch.float32) * 2.0**-31).clamp_max(1.0 - 2.0**-24)
 
 
-def _magnitude(cfg: FastConfig, v: Tensor, seed: int, step: Tensor, stream: int) -> Tensor:
+def _magnitude(cfg: FastConfig, v: Tensor, seed: int | Tensor, step: Tensor, stream: int) -> Tensor:
     """Map a uniform v on [0, 1) to the feature value law (uniform, signed, or clipped normal)."""
     if cfg.magnitude == "uniform":
         return v
@@ -281,17 +301,21 @@ def training_batch(
     ``batch_size`` points drawn uniformly with replacement from the stream of ``step``, shared by the instances as in
     the eager engine)."""
     if not cfg.dataset_size:
-        return sample(cfg, tensors["probability"], step, dtype)
+        return sample(cfg, tensors["probability"], step, tensors["keys"], dtype)
     data = tensors["dataset"]  # (inst, feats, T)
     if cfg.dataset_size <= cfg.batch_size:
         return data.to(dtype)
-    u = uniform((cfg.batch_size,), cfg.seed, step, 7, data.device)
+    u = uniform((cfg.batch_size,), tensors["keys"], step, 7, data.device)
     idx = (u * cfg.dataset_size).long().clamp_max(cfg.dataset_size - 1)
     return data[:, :, idx].to(dtype)
 
 
 def sample(
-    cfg: FastConfig, probability: Float[Tensor, " inst"], step: Tensor, dtype: torch.dtype = torch.float32
+    cfg: FastConfig,
+    probability: Float[Tensor, " inst"],
+    step: Tensor,
+    seed: int | Tensor,
+    dtype: torch.dtype = torch.float32,
 ) -> Float[Tensor, "inst feats batch"]:
     """One training batch for every instance, feature-major (inst, feats, batch), from the stream of ``step``.
 
@@ -300,7 +324,6 @@ def sample(
     innermost dimension so that every fused loop runs long and vectorised along it.
     """
     inst, bs, n, dev = probability.shape[0], cfg.batch_size, cfg.n_features, probability.device
-    seed = cfg.seed
     if cfg.data_kind == "hierarchy":
         x = _tree(cfg, inst, bs, seed, step, dev)
     else:
@@ -351,7 +374,7 @@ def _tree_decisions(depth: int) -> tuple[tuple[list[int], list[bool], list[bool]
     return tuple(out)
 
 
-def _tree(cfg: FastConfig, inst: int, bs: int, seed: int, step: Tensor, dev: torch.device) -> Tensor:
+def _tree(cfg: FastConfig, inst: int, bs: int, seed: int | Tensor, step: Tensor, dev: torch.device) -> Tensor:
     # One uniform per internal node: node k of level l (the root is level 0) reads u[2^l - 1 + k]; its children are
     # nodes 2k (taken when u < half) and 2k + 1 (half <= u < 2 half) of level l + 1. A feature is on when every
     # decision on its path from the root chose it, so each feature is an AND of one gathered uniform per ancestor

@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from superposition.data import Sampler, importance_tensor, make_sampler, target_fn
-from superposition.fast import FastStepper, adam_update_, choose_engine, compiled_threads
+from superposition.fast import FastStepper, adam_update_, choose_engine, compiled_threads, stream_keys
 from superposition.models import ToyModel, build_model
 from superposition.spec import Experiment
 
@@ -254,6 +254,7 @@ class TrainState:
             "residual_factor": self.residual_factor,
             "alive": self.alive,
             "relu_out": self.model.relu_out,
+            "keys": stream_keys(self.spec.seed, self.alive.device),
         }
         if self.spec.model.kind == "residual-mlp":
             tensors["W_E"] = self.model.W_E
