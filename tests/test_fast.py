@@ -220,6 +220,17 @@ def test_uniform_is_a_pure_function_of_seed_step_stream():
     assert not torch.equal(a, fast.uniform((4, 1000), 7, torch.tensor(5), 1))
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1])
+def test_stream_keys_give_the_seeds_numbers(seed):
+    # The compiled step reads the seed as a table of keys; every stream must give the int seed's numbers exactly.
+    keys = fast.stream_keys(seed)
+    assert keys.shape == (fast.N_STREAMS, 2) and keys.dtype == torch.int64
+    for stream in range(fast.N_STREAMS):
+        for step in (0, 1, 12345):
+            a = fast.uniform((3, 500), seed, torch.tensor(step), stream)
+            assert torch.equal(a, fast.uniform((3, 500), keys, torch.tensor(step), stream))
+
+
 def test_uniform_statistics():
     # 1M draws: mean and variance within 5 sigma, 100-bin chi-square far below its 0.9999 quantile (~160),
     # and no correlation between neighbouring elements or between the same element of consecutive steps.
