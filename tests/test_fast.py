@@ -383,6 +383,21 @@ def test_compile_failure_falls_back_to_the_same_step_uncompiled(monkeypatch, one
     assert torch.equal(state.model.W, plain.model.W)
 
 
+def test_compile_failing_when_built_falls_back_uncompiled(monkeypatch, one_thread):
+    # A compiler can fail when torch.compile is called, before any step runs (torch < 2.8 rejected an unknown
+    # option there); the run must go on uncompiled, not crash.
+    def old_compile(fn, **kwargs):
+        raise RuntimeError("Unexpected optimization option guard_filter_fn")
+
+    spec = _spec({"n_features": 5, "d_hidden": 2}, train={"engine": "fast", "steps": 6}, instances={"seed": [0, 1]})
+    monkeypatch.setattr(fast, "compile_available", lambda device: True)
+    monkeypatch.setattr(torch, "compile", old_compile)
+    state = TrainState.create(spec)
+    train_model(state)
+    assert state.engine == "fast-uncompiled" and "guard_filter_fn" in state.engine_reason
+    assert state.step == 6 and torch.isfinite(state.model.W).all()
+
+
 def test_fast_drop_masks_diverged_instance(no_compiler, one_thread):
     spec = _spec(
         {"n_features": 5, "d_hidden": 2},

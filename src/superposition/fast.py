@@ -772,6 +772,10 @@ def _own_code(fn):
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
+# torch.compile takes a guard filter from torch 2.8 on; older versions (pyproject allows 2.3) keep their guards.
+GUARD_FILTER = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
 def _no_guards(entries) -> list[bool]:
     """Drop every guard of a stepper's compiled graphs: dynamo re-checks each input tensor's metadata on every call
     (~20 us of a 0.27 ms step on config A). Nothing they check can change: each stepper compiles code objects of its
@@ -791,7 +795,9 @@ class FastStepper:
     """Runs :func:`train_step` compiled (and on CUDA replayed as one captured graph) against a TrainState.
 
     The stepper reads the state's tensors at every call, so checkpoint loads and dropped instances (which the
-    state applies in place) are seen. ``compile=False`` runs the same functions eagerly (tests, no compiler).
+    state applies in place) are seen. A compiled stepper belongs to one state: its graphs run unguarded
+    (:func:`_no_guards`), so it must always be called with dicts of the same keys, shapes, dtypes and device.
+    ``compile=False`` runs the same functions eagerly (tests, no compiler).
     """
 
     def __init__(self, spec: Experiment, *, compile: bool = True, cuda_graph: bool = True, threads: int | None = None):
@@ -833,10 +839,10 @@ class FastStepper:
             # Three graphs, so that the batch, the output gradient and the activations are stored once: inside one
             # graph the compiler inlines them into every product that reads them, recomputing them many times.
             opts = {"cpp.threads": self.threads} if self.threads else {}
+            if GUARD_FILTER:
+                opts["guard_filter_fn"] = _no_guards
             draw_c, fwd_c, upd_c = (  # a fresh options dict per call: torch.compile pops guard_filter_fn from it
-                torch.compile(
-                    _own_code(f), fullgraph=True, dynamic=False, options={**opts, "guard_filter_fn": _no_guards}
-                )
+                torch.compile(_own_code(f), fullgraph=True, dynamic=False, options=dict(opts))
                 for f in (draw, fwd_fn, upd_fn)
             )
             self.graphs = (draw_c, fwd_c, upd_c)
@@ -870,14 +876,13 @@ class FastStepper:
                 self._graph.replay()
                 self._device_step = step + 1
                 return self._graph_loss
-            fn = self._function()
             if self._device_step != step:  # the device counter already holds ``step`` after a step in sequence
                 self._step.fill_(step)
             start = time.perf_counter()
             if self._calls or not self.compile:
-                loss = fn(params, exp_avg, exp_avg_sq, self._step, tensors)
+                loss = self._function()(params, exp_avg, exp_avg_sq, self._step, tensors)
             else:
-                loss = self._first_compiled_call(fn, params, exp_avg, exp_avg_sq, tensors)
+                loss = self._first_compiled_call(params, exp_avg, exp_avg_sq, tensors)
             self._device_step = step + 1
             if not self._calls and self.compile:
                 if device.type == "cuda":
@@ -888,8 +893,9 @@ class FastStepper:
                 self._capture(params, exp_avg, exp_avg_sq, tensors, step + 1)
             return loss
 
-    def _first_compiled_call(self, fn, params, exp_avg, exp_avg_sq, tensors) -> Tensor:
-        """Compile and take the first step; if compiling fails, go on with the same functions uncompiled.
+    def _first_compiled_call(self, params, exp_avg, exp_avg_sq, tensors) -> Tensor:
+        """Compile and take the first step; if compiling fails (building the compiled functions included), go on
+        with the same functions uncompiled.
 
         Nothing is written before the last graph runs, so a failure leaves the state as it was. Importing the
         compiler raises torch-internal DeprecationWarnings (and it gives tuning hints as UserWarnings), which must
@@ -899,7 +905,7 @@ class FastStepper:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", UserWarning)  # the compiler's tuning hints (e.g. TF32 on CUDA)
-                return fn(params, exp_avg, exp_avg_sq, self._step, tensors)
+                return self._function()(params, exp_avg, exp_avg_sq, self._step, tensors)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the uncompiled step is the same math
             self.fallback = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             self.compile, self._fn = False, None
