@@ -383,6 +383,14 @@ def test_compile_failure_falls_back_to_the_same_step_uncompiled(monkeypatch, one
     assert torch.equal(state.model.W, plain.model.W)
 
 
+def test_single_graph_for_models_of_fused_products_only():
+    assert fast.single_graph(_spec({"n_features": 20, "d_hidden": 5}))  # 100 <= SMALL_PRODUCT
+    assert fast.single_graph(_spec({"n_features": 2, "d_hidden": 1}))
+    assert not fast.single_graph(_spec({"n_features": 40, "d_hidden": 24}))  # BLAS products
+    residual = {"kind": "residual-mlp", "n_features": 8, "d_hidden": 4, "d_embed": 30}
+    assert not fast.single_graph(_spec(residual, {"target": "relu-plus-x"}))
+
+
 def test_compile_failing_when_built_falls_back_uncompiled(monkeypatch, one_thread):
     # A compiler can fail when torch.compile is called, before any step runs (torch < 2.8 rejected an unknown
     # option there); the run must go on uncompiled, not crash.
@@ -447,15 +455,18 @@ TORCH_COMPILE_WARNINGS = [
 @pytest.mark.slow
 @TORCH_COMPILE_WARNINGS[0]
 @TORCH_COMPILE_WARNINGS[1]
-def test_compiled_step_equals_uncompiled_and_resumes_bit_identically():
+@pytest.mark.parametrize("shape, graphs", [((6, 2), 1), ((40, 24), 3)])
+def test_compiled_step_equals_uncompiled_and_resumes_bit_identically(shape, graphs):
     if not fast.compile_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
-    spec = _spec({"n_features": 6, "d_hidden": 2}, train={"engine": "fast", "steps": 40}, instances={"seed": [0, 1]})
+    model = {"n_features": shape[0], "d_hidden": shape[1]}
+    spec = _spec(model, train={"engine": "fast", "steps": 40}, instances={"seed": [0, 1]})
     compiled = TrainState.create(spec)
     assert compiled.engine == "fast"
     plain = TrainState.create(spec)
     plain.fast = fast.FastStepper(spec, compile=False)
     losses_c, losses_p = _run_steps(compiled, 10), _run_steps(plain, 10)
+    assert len(compiled.fast.graphs) == graphs  # one graph for all-fused models, three for BLAS ones
     torch.testing.assert_close(torch.stack(losses_c), torch.stack(losses_p), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(compiled.model.W, plain.model.W, rtol=1e-5, atol=1e-6)
     saved = compiled.tensors()
