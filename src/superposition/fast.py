@@ -711,7 +711,8 @@ def adam_update_(
 
 # -- the whole step -----------------------------------------------------------------------------------------------
 def _compute(cfg: FastConfig, params: dict[str, Tensor], tensors: dict[str, Tensor]) -> tuple[dict, Tensor | None]:
-    """The parameters (and the embedding) in the compute dtype: float32 master weights cast once per step."""
+    """The parameters (and the embedding) in the compute dtype: float32 master weights, cast by each compiled graph
+    that reads them (the forward and the update graph)."""
     w_e = tensors.get("W_E")
     if cfg.compute_dtype == torch.float32:
         return params, w_e
@@ -754,12 +755,25 @@ def train_step(
 ) -> Float[Tensor, " inst"]:
     """One whole step in place: sample, forward, backward, Adam; increments ``step``; returns the per-instance loss.
 
-    ``tensors`` holds probability, importance, lr, weight_decay, residual_factor, alive, relu_out (and W_E).
+    ``tensors`` holds probability, importance, lr, weight_decay, residual_factor, alive, relu_out, keys (the seed's
+    :func:`stream_keys`), and W_E and dataset where the experiment has them.
     """
+    return _step_with_batch(cfg, params, exp_avg, exp_avg_sq, step, tensors)[1].loss
+
+
+def _step_with_batch(
+    cfg: FastConfig,
+    params: dict[str, Tensor],
+    exp_avg: dict[str, Tensor],
+    exp_avg_sq: dict[str, Tensor],
+    step: Tensor,
+    tensors: dict[str, Tensor],
+) -> tuple[Tensor, Forward]:
+    """:func:`train_step`, returning the batch and the forward result as well."""
     x = training_batch(cfg, tensors, step, cfg.compute_dtype)
     fwd = forward_step(cfg, params, tensors, x)
     update_step(cfg, params, exp_avg, exp_avg_sq, step, tensors, x, fwd)
-    return fwd.loss
+    return x, fwd
 
 
 _CODE_TAGS = itertools.count()
@@ -848,9 +862,7 @@ class FastStepper:
             if self.single_graph:
 
                 def whole(params, exp_avg, exp_avg_sq, step, tensors):
-                    x = training_batch(cfg, tensors, step, cfg.compute_dtype)
-                    fwd = forward_step(cfg, params, tensors, x)
-                    update_step(cfg, params, exp_avg, exp_avg_sq, step, tensors, x, fwd)
+                    x, fwd = _step_with_batch(cfg, params, exp_avg, exp_avg_sq, step, tensors)
                     return fwd.loss, x, fwd.grad_out, fwd.saved  # returned so that the compiler stores them once
 
                 whole_c = build(whole)
