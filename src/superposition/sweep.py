@@ -670,13 +670,15 @@ def _validated(out: Path, meta: dict[str, Any]) -> tuple[Experiment, Plan]:
         planned = _planned(json.dumps(meta["spec"], sort_keys=True))
     except SpecError as exc:
         raise RunFormatError(f"{path}: the spec cannot be planned: {exc}") from None
-    if _identity(raw) != _identity(json.loads(planned)):
-        where = _first_difference(_identity(raw), _identity(json.loads(planned)))
+    fresh = json.loads(planned)
+    stored, expected = _identity(raw), _identity(fresh)
+    if stored != expected:
+        where = _first_difference(stored, expected)
         raise RunFormatError(
             f"{path}: the stored plan is not the plan of its spec (first difference at {where}); the file was edited "
             f"or written by another version (superposition {meta['superposition_version'][:40]})"
         )
-    plan = Plan.from_json(json.loads(planned))
+    plan = Plan.from_json(fresh)
     runs = out / RUNS
     if runs.is_symlink() or not runs.is_dir():
         raise RunFormatError(f"{runs}: missing or not a folder (a sweep folder holds its run folders there)")
