@@ -32,6 +32,7 @@ import torch
 
 from superposition import metrics
 from superposition import sweep as sw
+from superposition.folder import SWEEP, remove_owned
 from superposition.models import transplant
 from superposition.runs import Run, load_run
 from superposition.runs import run as run_experiment
@@ -551,10 +552,7 @@ def train_preset(name: str, out: Path, quick: bool, threads: int, overrides: lis
     spec = load_spec(name, overrides, quick=quick)
     start = time.perf_counter()
     if spec.sweep is not None:
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
+        remove_owned(out, (SWEEP,))  # only a sweep folder of this tool; anything else is refused untouched
         sw.prepare(spec, out)
         sw.execute(out, workers=workers, threads=threads)
     else:

@@ -439,3 +439,232 @@ def test_hostile_reports_run_nothing_in_chromium(hostile_run, hostile_sweep):
         finally:
             browser.close()
     assert dialogs == [] and outside == []
+
+
+# -- never destroy what is not ours ------------------------------------------------------------------------------------
+# A command replaces or deletes only a path it recognises as its own (a run, SAE or sweep folder of this tool, or its
+# own hidden working folder); anything else is refused in one line naming the path, before any work, untouched.
+SAFE_SPEC = {
+    "name": "safe",
+    **TINY,
+    "train": {**TINY["train"], "checkpoint_every": 10},
+    "sae": {"steps": 20, "batch_size": 32, "log_every": 10},
+}
+
+
+def _user_stuff(kind: str, path: Path) -> None:
+    """Something a user owns, in the place a command would write."""
+    if kind == "notes":  # the issue's thesis folder
+        path.mkdir()
+        (path / "thesis.txt").write_text("years of work")
+    elif kind == "file":
+        path.write_text("a plain file")
+    elif kind == "fake-config":  # a config.json that is not ours
+        path.mkdir()
+        (path / "config.json").write_text('{"learning_rate": 3}')
+    elif kind == "run-plus-user-file":  # a real run folder in which the user keeps a file of their own
+        shutil.copytree(_safe_run(path.parent), path)
+        (path / "my-analysis.ipynb").write_text("{}")
+    elif kind == "link":
+        target = path.parent / "elsewhere"
+        target.mkdir(exist_ok=True)
+        (target / "keep.txt").write_text("keep")
+        path.symlink_to(target)
+
+
+def _safe_run(where: Path) -> Path:
+    out = where / "_a_real_run"
+    if not out.exists():
+        run(parse_spec({k: v for k, v in SAFE_SPEC.items() if k != "sae"}), out)
+    return out
+
+
+def _tree(path: Path) -> dict[str, str]:
+    if path.is_symlink() or path.is_file():
+        return {"": path.read_text() if path.is_file() else os.readlink(path)}
+    return _digest(path)
+
+
+@pytest.fixture
+def spec_file(tmp_path) -> Path:
+    f = tmp_path / "safe.json"
+    f.write_text(json.dumps({k: v for k, v in SAFE_SPEC.items() if k != "sae"}))
+    return f
+
+
+USER_KINDS = ["notes", "file", "fake-config", "run-plus-user-file", "link"]
+
+
+@pytest.mark.parametrize("kind", USER_KINDS)
+def test_run_overwrite_refuses_what_is_not_a_run(tmp_path, capsys, spec_file, kind):
+    target = tmp_path / "out"
+    _user_stuff(kind, target)
+    before = _tree(target)
+    capsys.readouterr()
+    assert main(["run", str(spec_file), "--out", str(target), "--overwrite"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and str(target) in lines[0] and "refusing to replace it" in lines[0], captured.err
+    assert captured.out == "", "the refusal must come before 'training ...'"
+    assert _tree(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(
+    "sibling", [".out.partial", ".out.partial.new", ".out.old", ".out.partial.trash", ".out.old.trash"]
+)
+def test_hidden_siblings_that_are_not_ours_are_refused(tmp_path, capsys, spec_file, sibling):
+    hidden = tmp_path / sibling
+    _user_stuff("notes", hidden)
+    before = _tree(hidden)
+    capsys.readouterr()
+    assert main(["run", str(spec_file), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(hidden) in err and "refusing to delete it" in err and "thesis.txt" in err, err
+    assert _tree(hidden) == before and not (tmp_path / "out").exists()
+
+
+def test_a_real_run_is_still_replaced_and_its_old_copy_and_leftovers_cleared(tmp_path, spec_file, capsys):
+    target = tmp_path / "out"
+    assert main(["run", str(spec_file), "--out", str(target), "--quiet"]) == 0
+    first = (target / "model.safetensors").read_bytes()
+    # leftovers of a killed earlier overwrite: our own, so they are cleared
+    shutil.copytree(target, tmp_path / ".out.old")
+    (target / "report.html").rename(target / ".report.html.tmp")  # a report rewrite killed mid-way
+    assert main(["run", str(spec_file), "--out", str(target), "--overwrite", "--quiet"]) == 0
+    assert (target / "model.safetensors").read_bytes() == first  # same spec, same weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "safe.json"]
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "history.parquet", "instances.parquet", "report.html"]
+    )
+
+
+def test_every_file_of_a_folder_has_the_same_umask_mode(tmp_path, spec_file):
+    old = os.umask(0o027)
+    try:
+        assert main(["run", str(spec_file), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o640}, modes
+
+
+def test_resume_refuses_to_replace_what_is_not_a_run(tmp_path, capsys, monkeypatch):
+    import superposition.runs as runs
+
+    spec = parse_spec({k: v for k, v in SAFE_SPEC.items() if k != "sae"})
+    target = tmp_path / "out"
+
+    def crash(folder, state):
+        real(folder, state)
+        raise KeyboardInterrupt
+
+    real = runs._save_checkpoint
+    monkeypatch.setattr(runs, "_save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, target)
+    monkeypatch.setattr(runs, "_save_checkpoint", real)
+    _user_stuff("notes", target)  # the user puts their own folder where the run was going
+    before, partial = _tree(target), _tree(tmp_path / ".out.partial")
+    capsys.readouterr()
+    assert main(["resume", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to replace it" in err and "thesis.txt" in err, err
+    assert _tree(target) == before and _tree(tmp_path / ".out.partial") == partial
+
+
+@pytest.mark.parametrize("kind", ["notes", "file", "fake-config"])
+def test_sae_overwrite_refuses_what_is_not_an_sae_folder(tmp_path, capsys, kind):
+    folder = tmp_path / "r"
+    shutil.copytree(_safe_run(tmp_path), folder)
+    (folder / "sae").mkdir()
+    target = folder / "sae" / "relu"
+    _user_stuff(kind, target)
+    before = _tree(folder)
+    capsys.readouterr()
+    assert main(["sae", str(folder), "--set", "steps=20", "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(target) in err and "refusing to replace it" in err, err
+    assert _tree(folder) == before
+
+
+def test_sae_overwrite_replaces_its_own_folder(tmp_path, capsys):
+    folder = tmp_path / "r"
+    shutil.copytree(_safe_run(tmp_path), folder)
+    argv = ["sae", str(folder), "--set", "steps=20", "--set", "batch_size=32", "--quiet"]
+    assert main(argv) == 0
+    first = (folder / "sae" / "relu" / "model.safetensors").read_bytes()
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert (folder / "sae" / "relu" / "model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in (folder / "sae").iterdir()) == ["relu"]
+
+
+def test_plot_replaces_a_file_only_when_asked(tmp_path, capsys):
+    folder = _safe_run(tmp_path)
+    out = tmp_path / "fig.html"
+    out.write_text("my own figure")
+    capsys.readouterr()
+    assert main(["plot", str(folder), "features-nd", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "my own figure"
+    (tmp_path / "dir.html").mkdir()
+    assert main(["plot", str(folder), "features-nd", "--out", str(tmp_path / "dir.html"), "--overwrite"]) == 2
+    assert "a folder" in capsys.readouterr().err
+    assert main(["plot", str(folder), "features-nd", "--out", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith("<!doctype html>") and (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_interrupt_names_what_was_kept(tmp_path, capsys, monkeypatch, spec_file):
+    import superposition.runs as runs
+
+    real = runs._save_checkpoint
+
+    def crash(folder, state):
+        real(folder, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_save_checkpoint", crash)
+    target = tmp_path / "out"
+    assert main(["run", str(spec_file), "--out", str(target), "--quiet"]) == 130
+    line = capsys.readouterr().err.strip()
+    assert line == f"error: interrupted; checkpoint at step 10 kept; continue with: superposition resume {target}"
+    # without checkpoints: says that nothing was kept, and why
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(TINY))
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "train_model", stop)
+    assert main(["run", str(plain), "--out", str(tmp_path / "p"), "--quiet"]) == 130
+    line = capsys.readouterr().err.strip()
+    assert "nothing kept" in line and "train.checkpoint_every" in line, line
+
+
+def test_a_sweep_folder_opened_as_a_run_says_what_to_call(tmp_path, capsys):
+    folder = tmp_path / "sw"
+    folder.mkdir()
+    (folder / "sweep.json").write_text("{}")
+    with pytest.raises(RunFormatError, match="a sweep folder.*load_sweep.*superposition report"):
+        load_run(folder)
+
+
+def test_messages_name_the_folder_asked_for_not_the_working_folder(tmp_path, capsys, spec_file, monkeypatch):
+    import superposition.folder as folder
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(folder.os, "access", lambda path, mode: Path(path) != ro)  # root may write anywhere
+    assert main(["run", str(spec_file), "--out", str(ro / "out")]) == 2
+    captured = capsys.readouterr()
+    assert ".partial" not in captured.err and str(ro / "out") in captured.err and captured.out == ""
+    assert list(ro.iterdir()) == []
+    # an OS error about a working folder names the folder the user asked for
+    assert folder.user_path(tmp_path / ".out.partial.new" / "spec.json") == tmp_path / "out"
+    assert folder.user_path(tmp_path / "sae" / ".relu.partial") == tmp_path / "sae" / "relu"

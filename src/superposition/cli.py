@@ -5,6 +5,7 @@ Every input error ends as one line on stderr and exit code 2; a diverging run en
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -90,10 +91,15 @@ def run_cmd(
     quick: Annotated[bool, typer.Option(help="Shrink steps and grid for a fast check (shapes unchanged).")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (overrides the spec).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing run folder (only a run folder of this tool is ever replaced).")
+    ] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
 ) -> None:
-    """Train an experiment and write its run folder (config, weights, tables, report.html)."""
+    """Train an experiment and write its run folder (config, weights, tables, report.html).
+
+    --overwrite replaces only a run folder of this tool; any other file or folder at --out is refused untouched."""
+    from superposition.runs import check_run
     from superposition.runs import run as run_experiment
 
     experiment = _load(spec, set_, quick, device)
@@ -103,13 +109,13 @@ def run_cmd(
         _run_sweep(experiment, out, resume=resume, quiet=quiet)
         return
     target = out if out is not None else _default_folder(experiment.name)
-    if target.exists() and not overwrite:
-        raise _Fail(f"{target}: already exists (pass --overwrite to replace it, or choose --out)")
+    check_run(experiment, target, overwrite=overwrite, resume=resume)  # every refusal before "training ..."
     progress = not quiet and sys.stderr.isatty()
     if not quiet:
         typer.echo(f"training {experiment.name}: {experiment.n_instances} instance(s), {experiment.train.steps} steps")
     # The SAEs train below, after the model's summary is printed (saes=False), as run_experiment would train them.
-    result = run_experiment(experiment, target, overwrite=overwrite, resume=resume, progress=progress, saes=False)
+    with _interruptible(target, experiment):
+        result = run_experiment(experiment, target, overwrite=overwrite, resume=resume, progress=progress, saes=False)
     if not quiet:
         typer.echo(_summary(result))
         typer.echo(
@@ -123,12 +129,22 @@ def run_cmd(
 def _train_saes(run, spec, *, overwrite: bool, device: str | None, quiet: bool) -> None:
     """Train ``spec`` on the run and print each SAE's summary (for the run's own [sae] section with overwrite, what
     the library's ``superposition.run`` does through :func:`superposition.sae.run_spec_saes`)."""
-    from superposition.sae import run_saes, summary_table
+    from superposition.sae import check_sae_targets, run_saes, summary_table
 
+    check_sae_targets(run, spec, overwrite=overwrite)  # every refusal before "training SAEs ..."
     if not quiet:
         typer.echo(f"training SAEs ({', '.join(spec.architectures)}) on {run.path}")
     progress = not quiet and sys.stderr.isatty()
-    for sae in run_saes(run, spec, overwrite=overwrite, device=device, progress=progress):
+    try:
+        saes = run_saes(run, spec, overwrite=overwrite, device=device, progress=progress)
+    except KeyboardInterrupt:
+        raise _Fail(
+            f"interrupted while training SAEs on {run.path}; the run and SAE folders finished earlier are kept, "
+            "the SAE in training was not saved (train it again with: superposition sae "
+            f"{run.path} --overwrite)",
+            130,
+        ) from None
+    for sae in saes:
         if not quiet:
             cols = ["sparsity", "resample_method", "mmcs_features", "recovered_99", "n_true", "dead", "l0", "fvu"]
             table = summary_table(sae.scores)[cols + ["all_recovered_99"]]
@@ -171,14 +187,18 @@ def resume_cmd(
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
 ) -> None:
     """Continue an interrupted run (its hidden .RUN.partial folder) from its last checkpoint, with its own spec."""
-    from superposition.runs import partial_spec
+    from superposition.runs import check_run, partial_spec
     from superposition.runs import run as run_experiment
 
     experiment = partial_spec(run_dir)
-    # An interrupted run next to an existing folder was started with --overwrite (nothing else creates one).
-    result = run_experiment(
-        experiment, run_dir, resume=True, overwrite=run_dir.exists(), progress=not quiet and sys.stderr.isatty()
-    )
+    # An interrupted run next to an existing folder was started with --overwrite (nothing else creates one); the
+    # folder is replaced only if it is a run folder of this tool.
+    overwrite = run_dir.exists() or run_dir.is_symlink()
+    check_run(experiment, run_dir, overwrite=overwrite, resume=True)
+    with _interruptible(run_dir, experiment):
+        result = run_experiment(
+            experiment, run_dir, resume=True, overwrite=overwrite, progress=not quiet and sys.stderr.isatty()
+        )
     if not quiet:
         typer.echo(_summary(result))
         typer.echo(f"wrote {run_dir}/; open {run_dir / 'report.html'}")
@@ -199,12 +219,20 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A ru
 def plot_cmd(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder.")],
     figure: Annotated[str, typer.Argument(help="Figure name (see the run's report, or pass 'list').")],
-    out: Annotated[Path | None, typer.Option(help="Output file: .png, .svg, .pdf, .jpeg, .webp or .html.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output file: .png, .svg, .pdf, .jpeg, .webp or .html (default ./FIGURE.png)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file at --out.")] = False,
     width: Annotated[int | None, typer.Option(min=50, max=10000, help="Image width in CSS pixels.")] = None,
     height: Annotated[int | None, typer.Option(min=50, max=10000, help="Image height in CSS pixels.")] = None,
     scale: Annotated[float, typer.Option(min=0.1, max=10.0, help="Pixel density of raster images.")] = 2.0,
 ) -> None:
-    """Export one figure of a run: PNG/SVG/PDF offline via kaleido and a local Chromium, or standalone HTML."""
+    """Export one figure of a run: PNG/SVG/PDF offline via kaleido and a local Chromium, or standalone HTML.
+
+    Without --out the figure is written to FIGURE.png in the current folder; an existing file is replaced only with
+    --overwrite."""
+    from superposition.folder import atomic_write_bytes
     from superposition.plots import figures_for_run
     from superposition.report import IMAGE_FORMATS, figure_image
     from superposition.runs import load_run
@@ -223,14 +251,16 @@ def plot_cmd(
         raise _Fail(f"--out {target}: unknown extension (use .png, .svg, .pdf, .jpeg, .webp or .html)")
     if not target.parent.is_dir():
         raise _Fail(f"--out {target}: folder {target.parent} does not exist")
+    if target.is_dir() or target.is_symlink():
+        raise _Fail(f"--out {target}: {'a folder' if target.is_dir() else 'a symbolic link'}; name a file")
+    if target.exists() and not overwrite:
+        raise _Fail(f"--out {target}: already exists (pass --overwrite to replace it)")
     fig = figures[figure]
     if fmt == "html":
         data = fig.to_html(full_html=True, include_plotlyjs=True, config={"displaylogo": False}).encode("utf-8")
     else:
         data = figure_image(fig, fmt, width=width, height=height, scale=scale)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    atomic_write_bytes(target, data)
     typer.echo(f"wrote {target} ({len(data) / 1e3:.0f} kB)")
 
 
@@ -275,15 +305,23 @@ def _run_sweep(
         done = sum((target / sw.RUNS / g.id / "config.json").is_file() for g in plan.groups)
         if done:
             typer.echo(f"resuming: {done} of {len(plan.groups)} model(s) already done in {target}/")
-    result = sw.execute(
-        target,
-        backend=backend,
-        workers=workers,
-        threads=threads,
-        address=address,
-        slurm=options,
-        progress=not quiet and sys.stderr.isatty(),
-    )
+    try:
+        result = sw.execute(
+            target,
+            backend=backend,
+            workers=workers,
+            threads=threads,
+            address=address,
+            slurm=options,
+            progress=not quiet and sys.stderr.isatty(),
+        )
+    except KeyboardInterrupt:
+        done = sum((target / sw.RUNS / g.id / "config.json").is_file() for g in plan.groups)
+        raise _Fail(
+            f"interrupted; {done} of {len(plan.groups)} model(s) are done and kept in {target}; "
+            "run the same command again to continue (a sweep resumes)",
+            130,
+        ) from None
     if not quiet:
         counts = result.results["status"].value_counts().to_dict()
         typer.echo(
@@ -404,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         _err("interrupted")
         return 130
     except OSError as exc:
-        _err(f"{exc.strerror or exc}: {exc.filename}" if getattr(exc, "filename", None) else str(exc))
+        from superposition.folder import user_path
+
+        name = getattr(exc, "filename", None)
+        _err(f"{exc.strerror or exc}: {user_path(name)}" if isinstance(name, str) and name else str(exc))
         return 2
     except Exception as exc:  # last resort: one line, the traceback only on request
         if os.environ.get("SUPERPOSITION_DEBUG"):
@@ -418,6 +459,25 @@ def _err(message: str) -> None:
     text = message.strip() or "error"
     line = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
     print(f"error: {line}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _interruptible(target: Path, experiment):
+    """Turn Ctrl-C during training into one line that says what was kept and how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from superposition.runs import interrupted_step
+
+        step = interrupted_step(target)
+        every = experiment.train.checkpoint_every
+        if step is not None:
+            kept = f"checkpoint at step {step} kept; continue with: superposition resume {target}"
+        elif every:
+            kept = f"nothing kept (interrupted before the first checkpoint, at step {every})"
+        else:
+            kept = "nothing kept (no train.checkpoint_every; --set train.checkpoint_every=N makes a run resumable)"
+        raise _Fail(f"interrupted; {kept}", 130) from None
 
 
 def _default_folder(name: str) -> Path:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from superposition.folder import atomic_write_bytes
 from superposition.spec import SpecError
 
 if TYPE_CHECKING:
@@ -342,14 +343,7 @@ def write_report(run: Run, path: str | Path | None = None) -> Path:
             raise SpecError("write_report: the run has no folder; pass a path")
         path = Path(run.path) / "report.html"
     path = Path(path)
-    data = render_run(run).encode("utf-8")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, render_run(run).encode("utf-8"))
 
 
 # -- static export ----------------------------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +45,26 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from superposition.data import make_sampler
+from superposition.folder import (
+    MAX_CONFIG_BYTES,
+    MAX_TABLE_BYTES,
+    SAE_FORMAT,
+    SAE_WORK,
+    RunFormatError,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_table,
+    check_target,
+    check_tensors,
+    checked_file,
+    fresh_workdir,
+    load_tensors,
+    publish,
+    read_json,
+    read_safetensors_header,
+    work_dir,
+)
+from superposition.folder import SAE as SAE_KIND
 from superposition.models import ToyModel
 from superposition.spec import (
     SAE_SPARSITY_FIELD,
@@ -83,6 +101,7 @@ __all__ = [
     "save_sae",
     "load_sae",
     "run_saes",
+    "check_sae_targets",
     "run_spec_saes",
     "load_sae_spec",
     "sae_sections",
@@ -100,7 +119,7 @@ CONFIG, WEIGHTS, SCORES, FEATURES, LATENTS, HISTORY, RESAMPLES, REPORT = (
     "resamples.parquet",
     "report.html",
 )
-FORMAT = "superposition-sae"
+FORMAT = SAE_FORMAT
 EVAL_ELEMENTS = 2**24  # largest (inst, sae, d_sae, batch) activation block scored at once
 
 
@@ -804,19 +823,18 @@ def train_saes(
 
 
 def save_sae(sae: Sae, out: str | Path, *, overwrite: bool = False, run: Run | None = None) -> Path:
-    """Write an SAE folder atomically: built in a hidden sibling (config.json last), then renamed into place."""
+    """Write an SAE folder atomically: built in a hidden sibling (config.json last), then renamed into place.
+
+    Only an SAE folder of this tool is replaced (with ``overwrite``); anything else at ``out`` is refused."""
     from superposition.report import render_page
-    from superposition.runs import _atomic_save_tensors, _atomic_write_bytes, _publish, partial_dir
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SpecError(f"{out}: already exists (pass --overwrite to replace it)")
-    partial = partial_dir(out)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    check_target(out, SAE_KIND, SAE_WORK, overwrite=overwrite)
+    partial = work_dir(out)
+    marker = {"format": FORMAT, "sae": sae.spec.model_dump(mode="json")}
+    fresh_workdir(partial, "spec.json", json.dumps(marker).encode(), (SAE_WORK,))
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.model.state_dict().items()}
-    _atomic_save_tensors(partial / WEIGHTS, tensors, {"format": FORMAT})
+    atomic_save_tensors(partial / WEIGHTS, tensors, {"format": FORMAT})
     for name, frame in (
         (SCORES, sae.scores),
         (FEATURES, sae.features),
@@ -824,14 +842,12 @@ def save_sae(sae: Sae, out: str | Path, *, overwrite: bool = False, run: Run | N
         (HISTORY, sae.history),
         (RESAMPLES, sae.resamples),
     ):
-        tmp = partial / (name + ".tmp")
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, partial / name)
+        atomic_write_table(partial / name, frame)
     page = render_page(f"{sae.meta.get('run_name', '')} / sae {sae.name}", sae_sections(sae, run))
-    _atomic_write_bytes(partial / REPORT, page.encode("utf-8"))
+    atomic_write_bytes(partial / REPORT, page.encode("utf-8"))
     config = {**sae.meta, "sae": sae.spec.model_dump(mode="json")}
-    _atomic_write_bytes(partial / CONFIG, json.dumps(config, indent=2).encode())
-    _publish(partial, out, overwrite)
+    atomic_write_bytes(partial / CONFIG, json.dumps(config, indent=2).encode())
+    publish(partial, out, SAE_KIND, overwrite=overwrite)
     sae.path = out
     return out
 
@@ -841,17 +857,6 @@ def load_sae(path: str | Path) -> Sae:
     against the config from the safetensors header before any data is read; JSON, safetensors and parquet only."""
     from pydantic import ValidationError
 
-    from superposition.runs import (
-        MAX_CONFIG_BYTES,
-        MAX_TABLE_BYTES,
-        RunFormatError,
-        _check_tensors,
-        _checked_file,
-        _load_tensors,
-        _read_json,
-        read_safetensors_header,
-    )
-
     path = Path(path)
     if not path.is_dir():
         raise SaeFormatError(f"{path}: no such SAE folder")
@@ -859,7 +864,7 @@ def load_sae(path: str | Path) -> Sae:
         if not (path / name).exists():
             raise SaeFormatError(f"{path}: not an SAE folder ({name} is missing)")
     try:
-        config = _read_json(path, CONFIG, MAX_CONFIG_BYTES)
+        config = read_json(path, CONFIG, MAX_CONFIG_BYTES)
         if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("sae"), dict):
             raise SaeFormatError(f"{path / CONFIG}: not an SAE config (format {FORMAT!r} and an 'sae' table expected)")
         try:
@@ -873,19 +878,19 @@ def load_sae(path: str | Path) -> Sae:
         ok = arch in SAE_SPARSITY_FIELD and all(type(v) is int and 1 <= v <= 10**9 for v in (n_inst, d_in))
         if not ok or spec.architectures != [arch]:
             raise SaeFormatError(f"{path / CONFIG}: bad architecture, n_instances or d_in")
-        weights = _checked_file(path, WEIGHTS)
+        weights = checked_file(path, WEIGHTS)
         header = read_safetensors_header(weights)
         params = n_inst * len(sae_grid(spec, arch)) * spec.d_sae * max(d_in, 1) * 4
         if params > 2 * weights.stat().st_size + 2**20:  # the file's size bounds the allocation
             raise SaeFormatError(f"{path / CONFIG}: describes SAEs larger than {WEIGHTS} holds")
         with torch.device("meta"):
             expected = SparseAutoencoder(spec, arch, n_inst, d_in).state_dict()
-        _check_tensors(path / WEIGHTS, header, expected)
+        check_tensors(path / WEIGHTS, header, expected)
         model = SparseAutoencoder(spec, arch, n_inst, d_in)
-        model.load_state_dict(_load_tensors(weights), strict=True)
+        model.load_state_dict(load_tensors(weights), strict=True)
         frames = []
         for name in (SCORES, FEATURES, LATENTS, HISTORY, RESAMPLES):
-            f = _checked_file(path, name, MAX_TABLE_BYTES)
+            f = checked_file(path, name, MAX_TABLE_BYTES)
             try:
                 frames.append(pd.read_parquet(f))
             except Exception as exc:  # pyarrow raises several types for a damaged file
@@ -894,6 +899,18 @@ def load_sae(path: str | Path) -> Sae:
         raise SaeFormatError(str(exc).replace("run folder", "SAE folder")) from None
     meta = {k: v for k, v in config.items() if k != "sae"}
     return Sae(spec, model, *frames, meta=meta, path=path)
+
+
+def check_sae_targets(run: Run, spec: SaeSpec, *, overwrite: bool = False) -> list[Path]:
+    """The SAE folders :func:`run_saes` will write, each checked before anything trains: absent, or (with
+    ``overwrite``) an SAE folder of this tool; anything else is refused."""
+    if run.path is None:
+        raise SpecError("run_saes: the run has no folder (save it first, or use train_saes)")
+    root = Path(run.path) / "sae"
+    targets = [root / spec.folder_name(a) for a in spec.architectures]
+    for t in targets:
+        check_target(t, SAE_KIND, SAE_WORK, overwrite=overwrite)
+    return targets
 
 
 def run_saes(
@@ -907,13 +924,7 @@ def run_saes(
     """Train the SAEs of every architecture on a saved run, write RUN/sae/<name>/ and refresh RUN/report.html."""
     from superposition.report import write_report
 
-    if run.path is None:
-        raise SpecError("run_saes: the run has no folder (save it first, or use train_saes)")
-    root = Path(run.path) / "sae"
-    targets = [root / spec.folder_name(a) for a in spec.architectures]
-    for t in targets:
-        if t.exists() and not overwrite:
-            raise SpecError(f"{t}: already exists (pass --overwrite to replace it)")
+    targets = check_sae_targets(run, spec, overwrite=overwrite)
     results = []
     for arch, target in zip(spec.architectures, targets, strict=True):
         sae = train_sae(run, spec, arch, device=device, progress=progress)

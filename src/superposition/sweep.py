@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from superposition.runs import INSTANCES, MAX_TABLE_BYTES, RunFormatError, _checked_file
+from superposition.folder import (
+    MAX_TABLE_BYTES,
+    SWEEP_FORMAT,
+    RunFormatError,
+    atomic_write_bytes,
+    atomic_write_table,
+    checked_file,
+)
+from superposition.runs import INSTANCES
 from superposition.spec import (
     INSTANCE_AXES,
     Experiment,
@@ -85,7 +93,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-FORMAT = "superposition-sweep"
+FORMAT = SWEEP_FORMAT
 SWEEP_JSON, RESULTS, REPORT = "sweep.json", "results.parquet", "report.html"
 RUNS, ERRORS = "runs", "errors"
 BACKENDS = ("local", "ray", "slurm")
@@ -519,15 +527,6 @@ def _point_label(values: dict[str, Any]) -> str:
 
 
 # -- the folder ----------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 MAX_SWEEP_BYTES = 64 * 2**20
 """Largest sweep.json read (a spec per group: about 3 kB each; the 126-group hierarchy sweep writes 0.4 MB)."""
 MAX_COMBINATIONS = 1_000_000
@@ -546,7 +545,7 @@ def _read_meta(out: Path) -> dict[str, Any]:
     if not out.is_dir():
         raise RunFormatError(f"{out}: {'not a folder' if out.exists() else 'no such sweep folder'}")
     try:  # _checked_file: "not a sweep folder (sweep.json is missing)", links, size
-        meta = json.loads(_checked_file(out, SWEEP_JSON, MAX_SWEEP_BYTES, "sweep").read_bytes().decode("utf-8"))
+        meta = json.loads(checked_file(out, SWEEP_JSON, MAX_SWEEP_BYTES, "sweep").read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RunFormatError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(meta, dict):
@@ -711,7 +710,7 @@ def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
     plan = make_plan(spec)
     (out / RUNS).mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "superposition_version": __version__, "spec": spec_json, "plan": plan.to_json()}
-    _atomic_write_text(out / SWEEP_JSON, json.dumps(meta, indent=1))
+    atomic_write_bytes(out / SWEEP_JSON, (json.dumps(meta, indent=1)).encode())
     return plan
 
 
@@ -736,7 +735,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _record_failure(out: Path, group_id: str, error: str) -> None:
     (out / ERRORS).mkdir(exist_ok=True)
-    _atomic_write_text(out / ERRORS / f"{group_id}.json", json.dumps({"group": group_id, "error": error}))
+    atomic_write_bytes(out / ERRORS / f"{group_id}.json", (json.dumps({"group": group_id, "error": error})).encode())
 
 
 def run_group(out: str | Path, group_id: str, threads: int | None = None) -> GroupOutcome:
@@ -986,11 +985,9 @@ def execute(
         if bar is not None:
             bar.close()
     results = collect_results(out, plan)
-    tmp = out / f".{RESULTS}.tmp"
-    results.to_parquet(tmp, index=False)
-    os.replace(tmp, out / RESULTS)
+    atomic_write_table(out / RESULTS, results)
     spec = parse_spec(_read_meta(out)["spec"])
-    _atomic_write_text(out / REPORT, render_sweep(spec, plan, results, out))
+    atomic_write_bytes(out / REPORT, (render_sweep(spec, plan, results, out)).encode())
     return SweepOutcome(
         plan, results, counts["ok"], counts["failed"], n_skipped + counts["skipped"], time.perf_counter() - start
     )
@@ -1047,7 +1044,7 @@ def collect_results(out: str | Path, plan: Plan) -> pd.DataFrame:
         error_file = out / ERRORS / f"{g.id}.json"
         if _done(out, g.id):
             run_dir = out / RUNS / g.id
-            table = _read_parquet(_checked_file(run_dir, INSTANCES, MAX_TABLE_BYTES), run_dir / INSTANCES)
+            table = _read_parquet(checked_file(run_dir, INSTANCES, MAX_TABLE_BYTES), run_dir / INSTANCES)
             axis_cols = set(g.spec["instances"]["axes"])
             for name in table.columns:
                 if name in _BASE_COLUMNS or name in axis_cols or name in metric_names:
@@ -1203,7 +1200,7 @@ def load_sweep(path: str | Path) -> Sweep:
             f"{path}: {RESULTS} is missing (the sweep did not finish); rerun "
             f"`superposition sweep SPEC --out {path} --resume` to rebuild it"
         )
-    results = _read_parquet(_checked_file(path, RESULTS, MAX_TABLE_BYTES, "sweep"), results_file)
+    results = _read_parquet(checked_file(path, RESULTS, MAX_TABLE_BYTES, "sweep"), results_file)
     _check_results(results_file, results, plan)
     return Sweep(path, spec, plan, results, _Runs(path, plan))
 
@@ -1545,7 +1542,7 @@ def write_sweep_report(out: str | Path) -> Path:
     """Rebuild a finished sweep folder's report.html (atomically) from its stored spec, plan and results."""
     out = Path(out)
     result = load_sweep(out)
-    _atomic_write_text(out / REPORT, render_sweep(result.spec, result.plan, result.results, out))
+    atomic_write_bytes(out / REPORT, (render_sweep(result.spec, result.plan, result.results, out)).encode())
     return out / REPORT
 
 
