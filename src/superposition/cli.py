@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from superposition.spec import SpecError
+from superposition.errors import SpecError, TrainingDiverged
 
 # Typer >= 0.20 vendors click and raises typer.* exceptions; older releases raise click's own.
 try:
@@ -45,7 +45,7 @@ class _Fail(Exception):
 
 def _version(value: bool) -> None:
     if value:
-        from superposition import __version__
+        from superposition.version import __version__
 
         typer.echo(f"superposition {__version__}")
         raise typer.Exit()
@@ -410,8 +410,6 @@ def _click_command(n_commands: int):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    from superposition.train import TrainingDiverged
-
     args = sys.argv[1:] if argv is None else argv
     if not args:
         args = ["--help"]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from superposition.spec import SpecError
+from superposition.errors import NotOurs, RunFormatError, SpecError
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     import pandas as pd
@@ -57,14 +57,6 @@ __all__ = [
     "user_path",
     "format_bytes",
 ]
-
-
-class RunFormatError(SpecError):
-    """A folder of this tool (run, sweep, SAE) that is missing, damaged or not such a folder."""
-
-
-class NotOurs(SpecError):
-    """A path a command would replace or delete that is not recognisably this tool's own output."""
 
 
 # -- limits ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from superposition import __version__
 from superposition.folder import (
     MAX_CONFIG_BYTES,
     MAX_TABLE_BYTES,
@@ -46,6 +45,7 @@ from superposition.metrics import instance_metrics
 from superposition.models import ToyModel, build_model
 from superposition.spec import Experiment, SpecError, check_memory, format_validation_error, memory_estimate
 from superposition.train import TrainingDiverged, TrainState, evaluate, history_frame, resolve_device, train_model
+from superposition.version import __version__
 
 __all__ = [
     "Run",

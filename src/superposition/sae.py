@@ -788,7 +788,7 @@ def train_sae(
     progress: bool = False,
 ) -> Sae:
     """Train (in memory) the SAEs of one architecture on a run's activations and score them."""
-    from superposition import __version__
+    from superposition.version import __version__
 
     arch = architecture or spec.architectures[0]
     one = spec.for_architecture(arch)

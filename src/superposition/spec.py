@@ -17,6 +17,8 @@ from typing import Any, Literal, NamedTuple
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from superposition.errors import SpecError
+
 __all__ = [
     "SpecError",
     "ModelSpec",
@@ -45,10 +47,6 @@ __all__ = [
 MAX_DIM = 1_000_000
 MAX_STEPS = 100_000_000
 MAX_INSTANCES = 1_000_000
-
-
-class SpecError(ValueError):
-    """Bad user input: the message is one line that names the field and what is allowed."""
 
 
 class _Section(BaseModel):

@@ -694,7 +694,7 @@ def read_plan(out: str | Path) -> Plan:
 
 def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
     """Create the sweep folder with its plan, or reopen it when it holds the same spec (a rerun resumes)."""
-    from superposition import __version__
+    from superposition.version import __version__
 
     out = Path(out)
     spec_json = spec.model_dump(mode="json")

@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from superposition.data import Sampler, importance_tensor, make_sampler, target_fn
+from superposition.errors import TrainingDiverged
 from superposition.fast import FastStepper, adam_update_, choose_engine, compiled_threads, stream_keys
 from superposition.models import ToyModel, build_model
 from superposition.spec import Experiment
@@ -37,19 +38,6 @@ __all__ = [
     "train_model",
     "evaluate",
 ]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss of some instances turned NaN/inf."""
-
-    def __init__(self, step: int, instances: list[int]):
-        shown = ", ".join(map(str, instances[:20])) + (" ..." if len(instances) > 20 else "")
-        super().__init__(
-            f"training diverged at step {step}: loss is NaN/inf for instance(s) {shown}; "
-            "lower train.lr or set train.on_divergence = 'drop'"
-        )
-        self.step = step
-        self.instances = instances
 
 
 def resolve_device(device: str) -> torch.device:
