@@ -46,18 +46,18 @@ def crash_and_resume(monkeypatch):
     from superposition.runs import partial_dir, run
 
     def go(spec, out, at_step):
-        real_save = runs_module._save_checkpoint
+        real_save = runs_module.save_checkpoint
 
         def save_then_crash(folder, state):
             real_save(folder, state)
             if state.step == at_step:
                 raise CheckpointCrash
 
-        monkeypatch.setattr(runs_module, "_save_checkpoint", save_then_crash)
+        monkeypatch.setattr(runs_module, "save_checkpoint", save_then_crash)
         with pytest.raises(CheckpointCrash):
             run(spec, out)
         assert not out.exists() and (partial_dir(out) / "checkpoint.safetensors").is_file()
-        monkeypatch.setattr(runs_module, "_save_checkpoint", real_save)
+        monkeypatch.setattr(runs_module, "save_checkpoint", real_save)
         return run(spec, out, resume=True)
 
     return go

@@ -559,11 +559,11 @@ def test_resume_refuses_to_replace_what_is_not_a_run(tmp_path, capsys, monkeypat
         real(folder, state)
         raise KeyboardInterrupt
 
-    real = runs._save_checkpoint
-    monkeypatch.setattr(runs, "_save_checkpoint", crash)
+    real = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         run(spec, target)
-    monkeypatch.setattr(runs, "_save_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     _user_stuff("notes", target)  # the user puts their own folder where the run was going
     before, partial = _tree(target), _tree(tmp_path / ".out.partial")
     capsys.readouterr()
@@ -623,13 +623,13 @@ def _umask() -> int:
 def test_interrupt_names_what_was_kept(tmp_path, capsys, monkeypatch, spec_file):
     import superposition.runs as runs
 
-    real = runs._save_checkpoint
+    real = runs.save_checkpoint
 
     def crash(folder, state):
         real(folder, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "_save_checkpoint", crash)
+    monkeypatch.setattr(runs, "save_checkpoint", crash)
     target = tmp_path / "out"
     assert main(["run", str(spec_file), "--out", str(target), "--quiet"]) == 130
     line = capsys.readouterr().err.strip()

@@ -378,11 +378,11 @@ def test_rerun_without_resume_keeps_the_checkpoint(tmp_path, small_toml, capsys,
         real(folder, state)
         raise KeyboardInterrupt
 
-    real = runs._save_checkpoint
-    monkeypatch.setattr(runs, "_save_checkpoint", crash)
+    real = runs.save_checkpoint
+    monkeypatch.setattr(runs, "save_checkpoint", crash)
     assert main(["run", str(small_toml), "--out", str(out), "--quiet"]) == 130
     capsys.readouterr()
-    monkeypatch.setattr(runs, "_save_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     ckpt = partial_dir(out) / "checkpoint.safetensors"
     assert ckpt.is_file() and not out.exists()
     before = ckpt.read_bytes()
@@ -485,16 +485,16 @@ def test_fast_engine_resumes_bit_identically(tmp_path, monkeypatch):
     )
     straight = runs.run(spec, tmp_path / "a")
     assert straight.meta["engine"] == "fast-uncompiled"
-    real = runs._save_checkpoint
+    real = runs.save_checkpoint
 
     def crash(folder, state):
         real(folder, state)
         if state.step == 40:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, "_save_checkpoint", crash)
+    monkeypatch.setattr(runs, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         runs.run(spec, tmp_path / "b")
-    monkeypatch.setattr(runs, "_save_checkpoint", real)
+    monkeypatch.setattr(runs, "save_checkpoint", real)
     runs.run(spec, tmp_path / "b", resume=True)
     assert _same_run(tmp_path / "a", tmp_path / "b")
