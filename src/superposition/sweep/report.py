@@ -1,0 +1,427 @@
+"""The sweep report: axes to plot, heatmaps and line plots, the threshold read-out, the training geometry of
+fixed training sets (double descent), and report.html (``render_sweep``, ``write_sweep_report``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from superposition.folder import atomic_write_bytes
+from superposition.spec import Experiment, SpecError, SweepSpec
+from superposition.sweep.folder import REPORT, RUNS, load_sweep
+from superposition.sweep.plan import _PACKABLE_KINDS, Plan, describe_plan
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from superposition.plots import Polygon
+
+
+# -- figures and the report (pure functions of the results table) -------------------------------------------------
+def _numeric_axes(spec: Experiment) -> list[str]:
+    sweep = spec.sweep or SweepSpec()
+    return [
+        k
+        for k, v in sweep.axes.items()
+        if len(set(map(json.dumps, v))) > 1 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+    ]
+
+
+def report_axes(spec: Experiment) -> tuple[str | None, str | None, str | None]:
+    """(x, y, by) of the report: as given in [sweep.report], else picked from the axes."""
+    sweep = spec.sweep or SweepSpec()
+    r = sweep.report
+    numeric = _numeric_axes(spec)
+    x = r.x or (numeric[-1] if numeric else None)
+    y = r.y or next((a for a in reversed(numeric) if a != x), None)
+    by = r.by or next((k for k, v in sweep.labels.items() if len(v) > 1), None)
+    return x, y, by
+
+
+def _ok(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    if metric not in results.columns:
+        raise SpecError(f"sweep.report.metric: no column {metric!r} in the results")
+    return results[(results["status"] == "ok") & np.isfinite(results[metric].astype(float))]
+
+
+def _aggregate(results: pd.DataFrame, keys: list[str], metric: str, agg: str) -> pd.DataFrame:
+    df = _ok(results, metric)
+    return df.groupby(keys, sort=True)[metric].agg(agg).reset_index()
+
+
+def _log(values: np.ndarray, floor: float = 1e-12) -> np.ndarray:
+    return np.log10(np.maximum(values, floor))
+
+
+def heatmap_figure(
+    results: pd.DataFrame,
+    x: str,
+    y: str,
+    metric: str = "loss_min",
+    *,
+    agg: str = "min",
+    log: bool = True,
+    title: str | None = None,
+) -> go.Figure:
+    """A metric over two axes (``agg`` over the other axes of points sharing a cell; log10 colour by default)."""
+    import plotly.graph_objects as go
+
+    cells = _aggregate(results, [y, x], metric, agg)
+    pivot = cells.pivot(index=y, columns=x, values=metric)
+    z = pivot.to_numpy(dtype=float)
+    shown = _log(z) if log else z
+    label = f"log10 {metric}" if log else metric
+    text = [[("" if math.isnan(v) else f"{v:.3g}") for v in row] for row in z]
+    fig = go.Figure(
+        go.Heatmap(
+            z=shown,
+            x=[str(v) for v in pivot.columns],
+            y=[str(v) for v in pivot.index],
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Viridis",
+            colorbar={"title": {"text": label}},
+            hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y}}<br>{metric}=%{{text}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or f"{metric} ({agg} over repeats and other axes) by {y} and {x}",
+        xaxis={"title": x, "type": "category"},
+        yaxis={"title": y, "type": "category"},
+        template="plotly_white",
+        height=420,
+    )
+    return fig
+
+
+def lines_figure(
+    results: pd.DataFrame,
+    x: str,
+    by: str,
+    metric: str = "loss_min",
+    *,
+    agg: str = "min",
+    log: bool = True,
+    title: str | None = None,
+) -> go.Figure:
+    """A metric against one axis, one line per value of another."""
+    import plotly.graph_objects as go
+
+    cells = _aggregate(results, [by, x], metric, agg)
+    fig = go.Figure()
+    for value, part in cells.groupby(by, sort=True):
+        fig.add_trace(go.Scatter(x=part[x], y=part[metric], mode="lines+markers", name=f"{by}={value}"))
+    fig.update_layout(
+        title=title or f"{metric} ({agg} over repeats and other axes) against {x}",
+        xaxis={"title": x},
+        yaxis={"title": metric, "type": "log" if log else "linear"},
+        template="plotly_white",
+        height=420,
+    )
+    return fig
+
+
+def threshold_table(
+    results: pd.DataFrame,
+    x: str,
+    y: str,
+    metric: str = "loss_min",
+    threshold: float = 1e-5,
+    *,
+    by: str | None = None,
+) -> pd.DataFrame:
+    """For each value of ``y``, the smallest ``x`` whose metric (min over other axes) is below ``threshold``.
+
+    One column per value of ``by`` (or one column, ``metric``); NaN where no tested ``x`` reaches the threshold.
+    """
+    keys = [k for k in (by, y, x) if k is not None]
+    cells = _aggregate(results, keys, metric, "min")
+    below = cells[cells[metric] < threshold]
+    ys = sorted(_ok(results, metric)[y].unique())
+    columns = sorted(_ok(results, metric)[by].unique(), key=_order(results, by)) if by is not None else [None]
+    table: dict[str, list[Any]] = {y: ys}
+    for col in columns:
+        part = below if col is None else below[below[by] == col]
+        best = part.groupby(y)[x].min()
+        table[metric if col is None else str(col)] = [best.get(v, math.nan) for v in ys]
+    return pd.DataFrame(table)
+
+
+def _order(results: pd.DataFrame, column: str | None) -> Callable[[Any], int]:
+    """Sort key: a column's values in their order of first appearance in the table (the sweep's order)."""
+    first = {} if column is None else {v: i for i, v in reversed(list(enumerate(results[column])))}
+    return lambda v: first.get(v, len(first))
+
+
+def threshold_display(table: pd.DataFrame, results: pd.DataFrame, x: str, y: str, by: str | None) -> pd.DataFrame:
+    """A threshold table for people: whole numbers, and 'none <= X' (the largest x tested) where none reached it."""
+    shown = table.copy()
+    for col in shown.columns[1:]:
+        part = results if by is None else results[results[by].astype(str) == col]
+        tested = part[part["status"] == "ok"].groupby(y)[x].max()
+        shown[col] = [
+            (f"{int(v)}" if float(v).is_integer() else f"{v}") if not math.isnan(v) else f"none <= {tested.get(yv)}"
+            for yv, v in zip(shown[y], shown[col], strict=True)
+        ]
+    return shown
+
+
+# -- training points and features of fixed training sets (double descent) ------------------------------------------
+class TrainingGeometry(NamedTuple):
+    """The best repeat (lowest test loss) of one training-set size: its feature vectors, its training points'
+    hidden vectors and how both sit around the origin (``plots.polygon_stats``)."""
+
+    dataset_size: int
+    point: int
+    repeat: int
+    loss: float
+    train_loss: float
+    """Loss of the final weights on the rebuilt training set (equals the recorded one when the rebuild is right and
+    the last step was full-batch with a vanishing learning rate)."""
+    recorded_train_loss: float
+    features: np.ndarray
+    """(2, feats): the feature vectors W_i (columns of the encoder)."""
+    hidden: np.ndarray
+    """(T, 2): h_t = W x_t of every training point x_t."""
+    feature_shape: Polygon
+    data_shape: Polygon
+    label: str
+    """The point's other varying axis values ("" when T is the only one)."""
+
+
+def _best_per_size(plan: Plan, results: pd.DataFrame) -> pd.DataFrame:
+    """The finished points of 2-D bottleneck groups with a fixed training set, the lowest loss_min per size (``_T``)."""
+    groups = {g.id: g for g in plan.groups}
+
+    def size(gid: Any) -> int | None:
+        g = groups.get(str(gid))
+        if g is None:
+            return None
+        d, m = g.spec["data"], g.spec["model"]
+        fits = d.get("dataset_size") is not None and m["d_hidden"] == 2 and m["kind"] in _PACKABLE_KINDS
+        return int(d["dataset_size"]) if fits else None
+
+    ok = results[(results["status"] == "ok") & results["best_repeat"].notna()]
+    sizes = [size(g) for g in ok["group"]]
+    ok = ok.assign(_T=sizes)[[s is not None for s in sizes]]
+    return ok.sort_values(["_T", "loss_min", "point"]).drop_duplicates("_T")
+
+
+def training_geometry_data(out: str | Path, plan: Plan, results: pd.DataFrame) -> list[TrainingGeometry]:
+    """For each training-set size T of the 2-D bottleneck groups with a fixed training set, the best repeat over the
+    points with that T, its weights and its training set rebuilt from the group's spec (``TrainState.create`` draws
+    it from the seed, on the CPU). Groups trained on CUDA before training sets were drawn on the CPU are rebuilt on CUDA
+    and left out where none is available. Loads nothing when no group fits."""
+    import torch
+
+    from superposition.plots import polygon_stats
+    from superposition.runs import load_run
+    from superposition.train import TrainState
+
+    out = Path(out)
+    groups = {g.id: g for g in plan.groups}
+    best = _best_per_size(plan, results)
+    varying = [c for c in plan.columns if c != "data.dataset_size" and results[c].nunique(dropna=False) > 1]
+    found: list[TrainingGeometry] = []
+    for _, row in best.iterrows():
+        g = groups[str(row["group"])]
+        point, repeat = int(row["point"]), int(row["best_repeat"])
+        inst = [i for i, (p, _) in enumerate(g.members) if p == point][repeat]
+        run = load_run(out / RUNS / g.id)
+        # Training sets are drawn on the CPU since dataset_device was recorded; older CUDA runs drew theirs on CUDA.
+        device = torch.device(run.meta.get("dataset_device") or run.meta["device"])
+        if device.type == "cuda" and not torch.cuda.is_available():
+            continue
+        state = TrainState.create(run.spec, device)
+        with torch.no_grad():
+            state.model.load_state_dict(run.model.state_dict())
+            train_loss = float(state.loss(state.dataset)[inst])
+            x = state.dataset[:, inst].double().cpu().numpy()
+        W = run.model.encoder.detach()[inst].double().cpu().numpy()
+        H = x @ W.T
+        found.append(
+            TrainingGeometry(
+                dataset_size=int(row["_T"]),
+                point=point,
+                repeat=repeat,
+                loss=float(run.instances["loss"].iloc[inst]),
+                train_loss=train_loss,
+                recorded_train_loss=float(run.instances["train_loss"].iloc[inst]),
+                features=W,
+                hidden=H,
+                feature_shape=polygon_stats(W.T),
+                data_shape=polygon_stats(H),
+                label=", ".join(f"{c}={row[c]}" for c in varying),
+            )
+        )
+    return found
+
+
+def pick_sizes(losses: list[float], limit: int = 6) -> list[int]:
+    """Indices of at most ``limit`` entries (sorted by T): the first, the last, the highest loss, and evenly spread
+    ones in between."""
+    n = len(losses)
+    if n <= limit:
+        return list(range(n))
+    chosen = set(np.round(np.linspace(0, n - 1, limit)).astype(int).tolist())
+    peak = int(np.nanargmax(np.asarray(losses, dtype=np.float64)))
+    if peak not in chosen:
+        inner = sorted(chosen - {0, n - 1}, key=lambda i: (abs(i - peak), i))
+        chosen.discard(inner[0])
+        chosen.add(peak)
+    return sorted(chosen)
+
+
+def _shape_text(s: Polygon) -> str:
+    irregular = f", irregularity {s.irregularity:.2f}" if s.directions >= 2 else ""
+    return f"{s.n_long} of {s.n} long in {s.directions} direction(s){irregular}, largest norm {s.max_norm:.3g}"
+
+
+def _training_geometry_sections(out: str | Path | None, plan: Plan, results: pd.DataFrame) -> list[Any]:
+    """The report section of sweeps over fixed 2-D training sets (none for other sweeps or without the folder)."""
+    from superposition.plots import training_geometry
+    from superposition.report import Section
+
+    data = training_geometry_data(out, plan, results) if out is not None else []
+    if not data:
+        return []
+    chosen = [data[i] for i in pick_sizes([d.loss for d in data])]
+    peak = max(data, key=lambda d: d.loss).dataset_size
+    titles = [f"T = {d.dataset_size}" + (f" ({d.label})" if d.label else "") + f", loss {d.loss:.3g}" for d in chosen]
+    figure = training_geometry([d.features for d in chosen], [d.hidden for d in chosen], titles)
+    paragraphs = [
+        "For each training-set size T, the repeat with the lowest test loss: its feature vectors W_i (blue arrows) "
+        "and the hidden vectors h_t = W x_t of its training points (red dots), training sets rebuilt from the seeds. "
+        f"Panels: the smallest T, the test-loss peak (T = {peak}), the largest T and evenly spread sizes between.",
+        "What to look for: at small T (memorising) the training points sit at the corners of a regular polygon and "
+        "the features are shorter, the longest along the training points' directions; at large T (generalising) a "
+        "few long features form the polygon, the rest stay near 0, and the training points, sums of several "
+        "features, do not. The table counts it: few directions with irregularity near 0 is a polygon; many "
+        "directions (up to 36, each at most 10° wide) with a high irregularity is a spread.",
+        *(
+            f"T = {d.dataset_size}: training points {_shape_text(d.data_shape)}; "
+            f"features {_shape_text(d.feature_shape)}."
+            for d in chosen
+        ),
+    ]
+    missing = len(_best_per_size(plan, results)) - len(data)
+    if missing:
+        paragraphs.append(f"{missing} training-set size(s) trained on CUDA are left out: no CUDA device here.")
+    table = pd.DataFrame(
+        {
+            "T": [d.dataset_size for d in data],
+            "point": [d.point for d in data],
+            "repeat": [d.repeat for d in data],
+            "loss": [d.loss for d in data],
+            "train_loss": [d.recorded_train_loss for d in data],
+            "train_loss_rebuilt": [d.train_loss for d in data],
+            "points_long": [d.data_shape.n_long / max(d.data_shape.n, 1) for d in data],
+            "points_directions": [d.data_shape.directions for d in data],
+            "points_irregularity": [d.data_shape.irregularity for d in data],
+            "points_max_norm": [d.data_shape.max_norm for d in data],
+            "features_long": [d.feature_shape.n_long for d in data],
+            "features_directions": [d.feature_shape.directions for d in data],
+            "features_irregularity": [d.feature_shape.irregularity for d in data],
+            "features_max_norm": [d.feature_shape.max_norm for d in data],
+            **({"other axes": [d.label for d in data]} if any(d.label for d in data) else {}),
+        }
+    )
+    definitions = [
+        ("long", "norm above half the largest norm of the set (points: as a fraction of T; features: a count)"),
+        ("directions", "groups of the long vectors' angles, each at most 10° wide (plots.polygon_stats)"),
+        (
+            "irregularity",
+            "(widest − narrowest angle between neighbouring directions) / (360° / directions); 0 = regular",
+        ),
+        (
+            "train_loss_rebuilt",
+            "loss of the final weights on the rebuilt training set; matches train_loss when the "
+            "rebuild is right (exactly after a full-batch last step at learning rate 0, as with warmup-cosine)",
+        ),
+    ]
+    return [
+        Section(
+            "Training points and features",
+            paragraphs=paragraphs,
+            tables=[table],
+            figures=[figure],
+            definitions=definitions,
+        )
+    ]
+
+
+def write_sweep_report(out: str | Path) -> Path:
+    """Rebuild a finished sweep folder's report.html (atomically) from its stored spec, plan and results."""
+    out = Path(out)
+    result = load_sweep(out)
+    atomic_write_bytes(out / REPORT, (render_sweep(result.spec, result.plan, result.results, out)).encode())
+    return out / REPORT
+
+
+def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str | Path | None = None) -> str:
+    """The sweep's report.html: plan, threshold read-out, heatmaps and lines per panel value, training geometry
+    (fixed 2-D training sets; needs the folder ``out``), results, failures."""
+    from superposition.report import Section, render_page
+
+    sweep = spec.sweep or SweepSpec()
+    r = sweep.report
+    x, y, by = report_axes(spec)
+    status = results["status"].value_counts().to_dict()
+    sections = [
+        Section("About", paragraphs=[p for p in spec.description.split("\n") if p.strip()]),
+        Section(
+            "Plan",
+            paragraphs=[
+                *describe_plan(plan).splitlines(),
+                "Status of the points: " + ", ".join(f"{k} {v}" for k, v in sorted(status.items())) + ".",
+                "Each point's loss is the per-instance final loss (mean over the features and over "
+                f"train.eval_batch fresh samples); loss_min/loss_mean are over its {plan.repeats} repeat(s), "
+                "loss_sum is the sum over the repeats.",
+            ],
+        ),
+    ]
+    ok = _ok(results, r.metric) if r.metric in results.columns else results.iloc[:0]
+    panels = [None] if by is None else list(dict.fromkeys(results[by]))
+    if x and y and len(ok):
+        if r.threshold is not None:
+            table = threshold_table(results, x, y, r.metric, r.threshold, by=by)
+            sections.append(
+                Section(
+                    f"Threshold: smallest {x} with {r.metric} < {r.threshold:g}",
+                    paragraphs=[f"For each {y}, the smallest {x} whose {r.metric} is below {r.threshold:g}."],
+                    tables=[threshold_display(table, results, x, y, by)],
+                )
+            )
+        figures = []
+        for value in panels:
+            part = results if value is None else results[results[by] == value]
+            if len(_ok(part, r.metric)):
+                suffix = "" if value is None else f" ({by}={value})"
+                figures.append(
+                    heatmap_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} by {y} and {x}{suffix}")
+                )
+        sections.append(Section("Heatmaps", figures=figures))
+        lines = []
+        for value in panels:
+            part = results if value is None else results[results[by] == value]
+            if len(_ok(part, r.metric)):
+                suffix = "" if value is None else f" ({by}={value})"
+                lines.append(lines_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} against {x}{suffix}"))
+        sections.append(Section("Lines", figures=lines))
+    elif x and len(ok):
+        sections.append(
+            Section("Lines", figures=[lines_figure(results.assign(_all="all"), x, "_all", r.metric, log=r.log)])
+        )
+    sections.extend(_training_geometry_sections(out, plan, results))
+    sections.append(Section("Results", tables=[results]))
+    failed = results[results["status"].isin(["failed", "invalid"])]
+    if len(failed):
+        sections.append(Section("Failures", tables=[failed[["point", *plan.columns, "status", "error"]]]))
+    sections.append(Section("Spec", preformatted=spec.to_json()))
+    return render_page(f"sweep: {spec.name}", sections)
