@@ -1,0 +1,131 @@
+"""The claims each preset must reproduce (superposition.claims) and the reproduce loop over them."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from superposition import claims
+from superposition.claims import NOT_GRADED, RULES, Row, claim_line, grade, has_claim, is_full_preset, verdict_line
+from superposition.claims.seeds import threshold_table
+from superposition.errors import SpecError
+from superposition.reproduce import BEGIN, END, HEADER, reproduce
+from superposition.runs import train
+from superposition.spec import load_spec, preset_names
+
+VERDICTS = ("yes", "partly", "no")
+
+
+def test_every_rule_names_a_preset():
+    names = set(preset_names())
+    assert RULES and set(RULES) <= names, set(RULES) - names
+    assert all(callable(rule) for rule in RULES.values())
+    assert has_claim("pentagon") and not has_claim("demo") and not has_claim("no-such-preset")
+    with pytest.raises(SpecError, match="no claim for 'demo'"):
+        grade("demo", None)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_is_full_preset_only_for_the_full_unmodified_spec(name):
+    assert is_full_preset(name, load_spec(name))
+    assert is_full_preset(name, load_spec(name, ['device="auto"']))  # --device moves it, it stays the preset
+    assert not is_full_preset(name, load_spec(name, quick=True))
+    assert not is_full_preset(name, load_spec(name, [f"seed={load_spec(name).seed + 1}"]))
+    if name == "relu-vs-linear":
+        assert not is_full_preset(name, load_spec(name, ["train.steps=7"]))
+    other = "demo" if name != "demo" else "pentagon"
+    assert not is_full_preset(other, load_spec(name))
+    assert not is_full_preset("no-such-preset", load_spec(name))
+
+
+def test_claims_sit_below_runs_sweep_report_plots_and_cli():
+    code = (
+        "import sys, superposition.claims\n"
+        "bad = [m for m in ('runs', 'sweep', 'report', 'plots', 'cli') if f'superposition.{m}' in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threshold_table_agrees_with_the_sweep_module():
+    from superposition import sweep as sw
+
+    rows = []
+    for variant, offset in (("tree", 0), ("flat", 2)):
+        for depth in (1, 2, 3):
+            for width in (2, 3, 4, 5):
+                loss = 1e-7 if width >= depth + 1 + offset else 10.0**-(width)
+                rows.append({"variant": variant, "depth": depth, "width": width, "loss_min": loss, "status": "ok"})
+    rows.append({"variant": "tree", "depth": 1, "width": 9, "loss_min": math.nan, "status": "failed"})
+    df = pd.DataFrame(rows)
+    for by in ("variant", None):
+        ours = threshold_table(df, "width", "depth", "loss_min", 1e-5, by=by)
+        pd.testing.assert_frame_equal(ours, sw.threshold_table(df, "width", "depth", "loss_min", 1e-5, by=by))
+    assert threshold_table(df, "width", "depth", by="variant")["tree"].tolist() == [2, 3, 4]
+
+
+def test_grade_a_short_relu_vs_linear_run():
+    spec = load_spec("relu-vs-linear", quick=True)
+    run = train(spec)
+    row = claims.RULES["relu-vs-linear"](run)
+    assert isinstance(row, Row) and row == grade("relu-vs-linear", run)
+    assert row.measured.startswith("features with ‖W_i‖ > 0.5 at p = ") and "linear 5, 5, 5" in row.measured
+    assert row.source == "ReLU ≈ 5, 7, 9, 10, 11, 12, 12; linear 5 at every p"
+    assert row.verdict.startswith(VERDICTS) and "ReLU within ±1 of the paper at " in row.verdict
+    line = verdict_line("relu-vs-linear", run)
+    assert line.startswith(f"reproduced? {row.verdict} — measured: {row.measured}") and line.endswith(row.source)
+    assert "\n" not in line
+    # what `run` ends with: quick -> not graded, the full spec -> the verdict, no rule -> nothing
+    assert claim_line("relu-vs-linear", spec, run) == NOT_GRADED
+    assert claim_line("relu-vs-linear", load_spec("relu-vs-linear"), run) == line
+    assert claim_line("demo", load_spec("demo"), run) is None
+
+
+def test_reproduce_then_collect_gives_the_same_rows(tmp_path):
+    names = ["pentagon", "relu-vs-linear"]
+    md = tmp_path / "RESULTS.md"
+    original = f"# Results\n\n{BEGIN}\n{HEADER}\n| other | `x` | 1 s | m | s | yes |\n{END}\nafter\n"
+    md.write_text(original, encoding="utf-8")
+    messages: list[str] = []
+    rows = reproduce(names, out=tmp_path / "r", quick=True, results_md=md, progress=messages.append)
+    assert list(rows) == names and all(r.measured and r.source for r in rows.values())
+    assert all(r.verdict.startswith(VERDICTS) for r in rows.values())
+    assert any("training pentagon" in m for m in messages) and any(m.startswith("relu-vs-linear: ") for m in messages)
+    assert (tmp_path / "r" / "quick" / "pentagon" / "config.json").is_file()
+    again = reproduce(names, out=tmp_path / "r", collect=True, quick=True, results_md=md)
+    assert again == rows
+    assert md.read_text(encoding="utf-8") == original  # a quick pass never writes RESULTS.md
+    # A full pass (here: the same folders, collected) rewrites only its own rows, keeping the others'.
+    shutil.copytree(tmp_path / "r" / "quick", tmp_path / "r" / "full")
+    messages.clear()
+    assert reproduce(names, out=tmp_path / "r", collect=True, results_md=md, progress=messages.append) == rows
+    text = md.read_text(encoding="utf-8")
+    assert "| other | `x` | 1 s | m | s | yes |" in text and text.endswith(f"{END}\nafter\n")
+    for name in names:
+        (line,) = [t for t in text.splitlines() if t.startswith(f"| {name} | `superposition run {name}` | ")]
+        assert line.endswith(f" | {rows[name].verdict} |") and "CPU thread" in line
+    assert messages[-1] == f"wrote {md}"
+
+
+def test_reproduce_refuses_a_preset_without_a_rule(tmp_path):
+    with pytest.raises(SpecError, match="no extractor for demo"):
+        reproduce(["demo"], out=tmp_path, quick=True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_pentagon_rule_reads_the_geometry():
+    """The rule is computed from the numbers: a hand-made pentagon passes, a collapsed one does not."""
+    import torch
+
+    from superposition.claims.paper import _angles
+
+    theta = np.radians(np.arange(5) * 72.0)
+    W = torch.tensor(np.stack([np.cos(theta), np.sin(theta)]), dtype=torch.float32)
+    np.testing.assert_allclose(_angles(W), 72.0, atol=1e-4)
+    assert len(_angles(W * 0.1)) == 0
