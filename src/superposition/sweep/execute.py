@@ -15,7 +15,7 @@ import pandas as pd
 
 from superposition.folder import atomic_write_bytes, atomic_write_table
 from superposition.spec import SpecError, parse_spec
-from superposition.sweep.folder import ERRORS, REPORT, RESULTS, RUNS, _done, _read_meta, collect_results, read_plan
+from superposition.sweep.folder import ERRORS, REPORT, RESULTS, RUNS, collect_results, group_done, read_meta, read_plan
 from superposition.sweep.plan import Group, Plan
 from superposition.sweep.report import render_sweep
 
@@ -49,7 +49,7 @@ def run_group(out: str | Path, group_id: str, threads: int | None = None) -> Gro
     from superposition.runs import run as run_experiment
 
     out = Path(out)
-    if _done(out, group_id):
+    if group_done(out, group_id):
         return GroupOutcome(group_id, "skipped", None, 0.0)
     group = read_plan(out).group(group_id)
     previous = torch.get_num_threads()
@@ -256,7 +256,7 @@ def execute(
     out = Path(out)
     plan = read_plan(out)
     start = time.perf_counter()
-    todo = [g for g in plan.groups if not _done(out, g.id)]
+    todo = [g for g in plan.groups if not group_done(out, g.id)]
     todo.sort(key=lambda g: -g.work)  # longest first: better packing of the workers, honest ETA at the end
     n_skipped = len(plan.groups) - len(todo)
     counts = {"ok": 0, "failed": 0, "skipped": 0}
@@ -290,7 +290,7 @@ def execute(
             bar.close()
     results = collect_results(out, plan)
     atomic_write_table(out / RESULTS, results)
-    spec = parse_spec(_read_meta(out)["spec"])
+    spec = parse_spec(read_meta(out)["spec"])
     atomic_write_bytes(out / REPORT, (render_sweep(spec, plan, results, out)).encode())
     return SweepOutcome(
         plan, results, counts["ok"], counts["failed"], n_skipped + counts["skipped"], time.perf_counter() - start

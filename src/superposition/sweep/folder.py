@@ -20,7 +20,7 @@ import pandas as pd
 from superposition.folder import MAX_TABLE_BYTES, SWEEP_FORMAT, RunFormatError, atomic_write_bytes, checked_file
 from superposition.runs import INSTANCES
 from superposition.spec import Experiment, SpecError, SweepSpec, parse_spec
-from superposition.sweep.plan import Plan, _blocks, _values, make_plan
+from superposition.sweep.plan import Plan, make_plan, n_combinations
 
 if TYPE_CHECKING:
     from superposition.runs import Run
@@ -44,7 +44,7 @@ _META_KEYS = ("format", "superposition_version", "spec", "plan")
 _GROUP_ID = re.compile(r"g[0-9]{1,9}")
 
 
-def _read_meta(out: Path) -> dict[str, Any]:
+def read_meta(out: Path) -> dict[str, Any]:
     """sweep.json's top level, bounded and checked (its spec and plan are checked by ``_validated``)."""
     path = out / SWEEP_JSON
     if not out.is_dir():
@@ -104,11 +104,6 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _n_combinations(sweep: SweepSpec) -> int:
-    """How many combinations ``combinations`` would give, without listing them."""
-    return math.prod(len(_values(sweep, block[0])) for block in _blocks(sweep))
-
-
 def _group_dir(out: Path, group_id: str) -> Path | None:
     """``out/runs/<group>`` if it is a finished run folder, None if absent or unfinished; refuses links and files."""
     folder = out / RUNS / group_id
@@ -159,7 +154,7 @@ def _validated(out: Path, meta: dict[str, Any]) -> tuple[Experiment, Plan]:
         if not isinstance(gid, str) or not _GROUP_ID.fullmatch(gid):
             raise RunFormatError(f"{path}: plan group id {str(gid)[:60]!r} is not g followed by digits")
     sweep = spec.sweep or SweepSpec()
-    combos = _n_combinations(sweep)
+    combos = n_combinations(sweep)
     if combos > len(points) + dropped or combos > MAX_COMBINATIONS:
         raise RunFormatError(
             f"{path}: the spec's sweep has {combos:,} combinations but the plan lists {len(points) + dropped:,} "
@@ -194,7 +189,7 @@ def _validated(out: Path, meta: dict[str, Any]) -> tuple[Experiment, Plan]:
 def read_plan(out: str | Path) -> Plan:
     """The plan stored in a sweep folder, checked against its spec (one RunFormatError when it is damaged)."""
     out = Path(out)
-    return _validated(out, _read_meta(out))[1]
+    return _validated(out, read_meta(out))[1]
 
 
 def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
@@ -204,7 +199,7 @@ def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
     out = Path(out)
     spec_json = spec.model_dump(mode="json")
     if (out / SWEEP_JSON).exists():
-        meta = _read_meta(out)
+        meta = read_meta(out)
         if meta.get("spec") != spec_json:
             raise SpecError(f"{out}: holds a sweep of a different spec (choose another --out, or remove the folder)")
         return _validated(out, meta)[1]
@@ -219,7 +214,7 @@ def prepare(spec: Experiment, out: str | Path, *, resume: bool = False) -> Plan:
     return plan
 
 
-def _done(out: Path, group_id: str) -> bool:
+def group_done(out: Path, group_id: str) -> bool:
     return _group_dir(out, group_id) is not None
 
 
@@ -272,7 +267,7 @@ def collect_results(out: str | Path, plan: Plan) -> pd.DataFrame:
     metric_names: list[str] = []
     for g in plan.groups:
         error_file = out / ERRORS / f"{g.id}.json"
-        if _done(out, g.id):
+        if group_done(out, g.id):
             run_dir = out / RUNS / g.id
             table = _read_parquet(checked_file(run_dir, INSTANCES, MAX_TABLE_BYTES), run_dir / INSTANCES)
             axis_cols = set(g.spec["instances"]["axes"])
@@ -344,11 +339,11 @@ class _Runs(Mapping[str, "Run"]):
         self._ids_planned = [g.id for g in plan.groups]
 
     def _ids(self) -> list[str]:
-        return [gid for gid in self._ids_planned if _done(self._out, gid)]
+        return [gid for gid in self._ids_planned if group_done(self._out, gid)]
 
     def __getitem__(self, key: str) -> Run:
         if key not in self._cache:
-            if key not in self._ids_planned or not _done(self._out, key):
+            if key not in self._ids_planned or not group_done(self._out, key):
                 raise KeyError(key)
             from superposition.runs import load_run
 
@@ -423,7 +418,7 @@ def load_sweep(path: str | Path) -> Sweep:
     is opened by ``load_run`` (of the plan's groups only). Anything else is one RunFormatError naming the file.
     """
     path = Path(path)
-    spec, plan = _validated(path, _read_meta(path))
+    spec, plan = _validated(path, read_meta(path))
     results_file = path / RESULTS
     if not results_file.exists() and not results_file.is_symlink():
         raise RunFormatError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ from superposition.spec import (
 )
 
 SEED_STRIDE = 100_003  # the stride of models.instance_seeds: a one-point sweep initialises like a plain run
-_PACKABLE_KINDS = ("linear", "relu-output")  # model.kind may vary inside one model only between these
+PACKABLE_KINDS = ("linear", "relu-output")  # model.kind may vary inside one model only between these
 
 
 # -- where conditions: a tiny comparison language, parsed by hand (never eval) ---------------------------------------
@@ -126,6 +127,11 @@ def _blocks(sweep: SweepSpec) -> list[list[str]]:
 
 def _values(sweep: SweepSpec, name: str) -> list[Any]:
     return list(sweep.axes[name]) if name in sweep.axes else list(sweep.labels[name])
+
+
+def n_combinations(sweep: SweepSpec) -> int:
+    """How many combinations ``combinations`` would give, without listing them."""
+    return math.prod(len(_values(sweep, block[0])) for block in _blocks(sweep))
 
 
 def combinations(sweep: SweepSpec) -> list[dict[str, Any]]:
@@ -281,7 +287,7 @@ def _group_key(spec: Experiment) -> str:
     for key in ("name", "description", "seed", "instances", "sweep"):
         raw.pop(key, None)
     for key in INSTANCE_AXES:
-        if key == "seed" or (key == "model.kind" and spec.model.kind not in _PACKABLE_KINDS):
+        if key == "seed" or (key == "model.kind" and spec.model.kind not in PACKABLE_KINDS):
             continue
         _set_dotted(raw, key, None)
     return json.dumps(raw, sort_keys=True)

@@ -15,7 +15,7 @@ import pandas as pd
 from superposition.folder import atomic_write_bytes
 from superposition.spec import Experiment, SpecError, SweepSpec
 from superposition.sweep.folder import REPORT, RUNS, load_sweep
-from superposition.sweep.plan import _PACKABLE_KINDS, Plan, describe_plan
+from superposition.sweep.plan import PACKABLE_KINDS, Plan, describe_plan
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -204,7 +204,7 @@ def _best_per_size(plan: Plan, results: pd.DataFrame) -> pd.DataFrame:
         if g is None:
             return None
         d, m = g.spec["data"], g.spec["model"]
-        fits = d.get("dataset_size") is not None and m["d_hidden"] == 2 and m["kind"] in _PACKABLE_KINDS
+        fits = d.get("dataset_size") is not None and m["d_hidden"] == 2 and m["kind"] in PACKABLE_KINDS
         return int(d["dataset_size"]) if fits else None
 
     ok = results[(results["status"] == "ok") & results["best_repeat"].notna()]
