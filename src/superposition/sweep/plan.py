@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from superposition.folder import format_bytes
 from superposition.spec import (
     INSTANCE_AXES,
     Experiment,
@@ -20,6 +21,7 @@ from superposition.spec import (
     _get_dotted,
     _is_field,
     _set_dotted,
+    memory_estimate,
     parse_spec,
 )
 
@@ -164,31 +166,21 @@ def _point_raw(base: dict[str, Any], combo: dict[str, Any], labels: Mapping[str,
 
 
 # -- memory and work estimates -----------------------------------------------------------------------------------
-def _per_instance(spec: Experiment) -> tuple[int, float]:
-    """(estimated training bytes, relative work) of one instance of an experiment."""
+def _work(spec: Experiment) -> float:
+    """Relative work of training one instance of an experiment (multiply-adds of all its steps, up to a constant)."""
     m, t = spec.model, spec.train
     n, h = m.n_features, m.d_hidden
     b = min(t.batch_size, spec.data.dataset_size or t.batch_size)  # a smaller fixed training set is the whole batch
     if m.kind == "residual-mlp":
         e, L = int(m.d_embed or n), m.n_layers
-        params = L * 2 * h * e + (L * h if m.bias_hidden else 0) + (L * e if m.bias_out else 0)
-        buffers = n * e
-        act = b * (3 * n + (2 + 2 * L) * e + 3 * L * h)
-        work = float(b) * (2 * n * e + 2 * L * h * e) * 3
-    else:
-        params = h * n * (1 if m.tied else 2) + (n if m.bias_out else 0) + (h if m.bias_hidden else 0)
-        buffers = 0
-        act = b * (6 * n + 3 * h)
-        work = float(b) * (2 * n * h + 4 * n) * 3
-    data = (spec.data.dataset_size or 0) * n
-    itemsize = 2 if spec.dtype == "bfloat16" else 4
-    # parameter + gradient + two Adam moments; activations of one step (kept for backward); a fixed data set.
-    return itemsize * (4 * params + buffers + act + data), work * t.steps
+        return float(b) * (2 * n * e + 2 * L * h * e) * 3 * t.steps
+    return float(b) * (2 * n * h + 4 * n) * 3 * t.steps
 
 
 def estimate_memory(spec: Experiment) -> int:
-    """Estimated peak training memory of an experiment in bytes (parameters, Adam state, one step's activations)."""
-    return _per_instance(spec)[0] * spec.n_instances
+    """Estimated peak training memory of an experiment in bytes: :func:`superposition.spec.memory_estimate`'s total
+    (the one estimate, also what ``run`` refuses by)."""
+    return memory_estimate(spec).total
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------
@@ -373,7 +365,7 @@ def make_plan(spec: Experiment) -> Plan:
     budget = sweep.memory_budget_mb * 2**20
     chunks: list[tuple[Experiment, list[_Member]]] = []
     for cells in buckets.values():
-        per_inst, _ = _per_instance(cells[0][0])
+        per_inst = memory_estimate(cells[0][0]).per_instance
         per_point = per_inst * sweep.repeats
         cap = max(1, int(budget // per_point)) if per_point else 1 << 30
         members = [m for _, ms in cells for m in ms]
@@ -394,7 +386,7 @@ def make_plan(spec: Experiment) -> Plan:
             for m in members:
                 failed[m.point] = f"cannot pack: {exc}"
             continue
-        per_inst, work = _per_instance(packed)
+        per_inst, work = memory_estimate(packed).per_instance, _work(packed)
         pairs = [(m.point, m.repeat) for m in members]
         groups.append(Group(gid, packed.model_dump(mode="json"), pairs, per_inst * len(members), work * len(members)))
     owner = {p: g.id for g in groups for p, _ in g.members}
@@ -403,14 +395,6 @@ def make_plan(spec: Experiment) -> Plan:
         for p in points
     ]
     return Plan(columns, points, groups, dropped, sweep.repeats)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def _shape(group: Group) -> str:
@@ -437,8 +421,8 @@ def describe_plan(plan: Plan, *, groups: bool = False) -> str:
         big = max(plan.groups, key=lambda g: g.memory)
         steps = sum(int(g.spec["train"]["steps"]) for g in plan.groups)
         lines.append(
-            f"estimated memory: {_fmt_bytes(big.memory)} for the largest model ({big.id}), "
-            f"{_fmt_bytes(sum(g.memory for g in plan.groups))} for all; {steps:,} training steps in all"
+            f"estimated memory: {format_bytes(big.memory)} for the largest model ({big.id}), "
+            f"{format_bytes(sum(g.memory for g in plan.groups))} for all; {steps:,} training steps in all"
         )
     if n_ok < len(plan.points):
         for p in plan.points:
@@ -448,7 +432,7 @@ def describe_plan(plan: Plan, *, groups: bool = False) -> str:
         for g in plan.groups:
             lines.append(
                 f"  {g.id}  {len(g.points):>4} point(s) {len(g.members):>5} instance(s)  "
-                f"{_fmt_bytes(g.memory):>10}  {_shape(g)}"
+                f"{format_bytes(g.memory):>10}  {_shape(g)}"
             )
     return "\n".join(lines)
 
