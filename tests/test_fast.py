@@ -32,7 +32,7 @@ def one_thread():
 @pytest.fixture
 def no_compiler(monkeypatch):
     """Make engine = "fast" run the fused functions uncompiled (what CI can afford)."""
-    monkeypatch.setattr(fast, "compile_available", lambda device: False)
+    monkeypatch.setattr(fast.engine, "compile_available", lambda device: False)
 
 
 def _spec(model, task=None, data=None, train=None, instances=None, seed=0):
@@ -321,7 +321,7 @@ def test_fast_sampler_normalize():
 # -- the engine inside training ------------------------------------------------------------------------------------
 def test_engine_choice(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(fast, "compile_available", lambda device: True)
+    monkeypatch.setattr(fast.engine, "compile_available", lambda device: True)
     short = _spec({"n_features": 5}, train={"steps": 100})
     long = _spec({"n_features": 20, "d_hidden": 5}, train={"steps": 50_000, "batch_size": 1024})
     assert fast.choose_engine(short, cpu).engine == "eager"
@@ -332,7 +332,7 @@ def test_engine_choice(monkeypatch):
     )
     fixed = _spec({"n_features": 20}, data={"dataset_size": 100}, train={"steps": 10**6, "engine": "fast"})
     assert fast.choose_engine(fixed, cpu).engine == "fast"  # fixed training sets run on the fused step too
-    monkeypatch.setattr(fast, "compile_available", lambda device: False)
+    monkeypatch.setattr(fast.engine, "compile_available", lambda device: False)
     assert fast.choose_engine(long, cpu).engine == "eager"
     assert fast.choose_engine(_spec({"n_features": 5}, train={"engine": "fast"}), cpu).engine == "fast-uncompiled"
 
@@ -371,7 +371,7 @@ def test_compile_failure_falls_back_to_the_same_step_uncompiled(monkeypatch, one
         return run
 
     spec = _spec({"n_features": 5, "d_hidden": 2}, train={"engine": "fast", "steps": 12}, instances={"seed": [0, 1]})
-    monkeypatch.setattr(fast, "compile_available", lambda device: True)
+    monkeypatch.setattr(fast.engine, "compile_available", lambda device: True)
     monkeypatch.setattr(torch, "compile", broken_compile)
     state = TrainState.create(spec)
     assert state.engine == "fast"
@@ -398,7 +398,7 @@ def test_compile_failing_when_built_falls_back_uncompiled(monkeypatch, one_threa
         raise RuntimeError("Unexpected optimization option guard_filter_fn")
 
     spec = _spec({"n_features": 5, "d_hidden": 2}, train={"engine": "fast", "steps": 6}, instances={"seed": [0, 1]})
-    monkeypatch.setattr(fast, "compile_available", lambda device: True)
+    monkeypatch.setattr(fast.engine, "compile_available", lambda device: True)
     monkeypatch.setattr(torch, "compile", old_compile)
     state = TrainState.create(spec)
     train_model(state)

@@ -473,7 +473,7 @@ def test_fast_engine_resumes_bit_identically(tmp_path, monkeypatch):
     fast = pytest.importorskip("superposition.fast")
     from superposition.spec import parse_spec
 
-    monkeypatch.setattr(fast, "compile_available", lambda device: False)
+    monkeypatch.setattr(fast.engine, "compile_available", lambda device: False)
     spec = parse_spec(
         {
             "name": "f",
