@@ -279,7 +279,7 @@ def _run_sweep(
 ) -> None:
     """Plan, print the plan, run the groups not done yet, write results.parquet and report.html."""
     from superposition import sweep as sw
-    from superposition.spec import _parse_value
+    from superposition.spec import parse_value
 
     target = out if out is not None else _default_folder(experiment.name)
     if backend not in sw.BACKENDS:
@@ -289,7 +289,7 @@ def _run_sweep(
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise _Fail(f"--slurm {item!r}: expected key=value, e.g. --slurm slurm_partition=gpu")
-        options[key.strip()] = _parse_value(value)
+        options[key.strip()] = parse_value(value)
     module = {"ray": "ray", "slurm": "submitit"}.get(backend)
     if module is not None and not dry_run:
         import importlib.util

@@ -18,11 +18,11 @@ from superposition.spec import (
     Experiment,
     SpecError,
     SweepSpec,
-    _get_dotted,
-    _is_field,
-    _set_dotted,
+    get_dotted,
+    is_field,
     memory_estimate,
     parse_spec,
+    set_dotted,
 )
 
 SEED_STRIDE = 100_003  # the stride of models.instance_seeds: a one-point sweep initialises like a plain run
@@ -154,7 +154,7 @@ def _point_raw(base: dict[str, Any], combo: dict[str, Any], labels: Mapping[str,
     raw = _copy(base)
     for key, value in combo.items():
         if key not in labels:
-            _set_dotted(raw, key, _copy(value))
+            set_dotted(raw, key, _copy(value))
     # Hierarchy data fixes the feature count: follow the tree depth unless the sweep sets n_features itself.
     data = raw.get("data") or {}
     touched = {"data.tree_depth", "data.kind"} & combo.keys()
@@ -281,7 +281,7 @@ def _group_key(spec: Experiment) -> str:
     for key in INSTANCE_AXES:
         if key == "seed" or (key == "model.kind" and spec.model.kind not in PACKABLE_KINDS):
             continue
-        _set_dotted(raw, key, None)
+        set_dotted(raw, key, None)
     return json.dumps(raw, sort_keys=True)
 
 
@@ -311,7 +311,7 @@ def _pack(first: Experiment, members: list[_Member], base: Experiment, gid: str)
             continue
         values = [m.settings[key] for m in members]
         if len({json.dumps(v) for v in values}) == 1:
-            _set_dotted(raw, key, _copy(values[0]))
+            set_dotted(raw, key, _copy(values[0]))
         else:
             axes[key] = _copy(values)
     axes["seed"] = [m.seed for m in members]
@@ -325,7 +325,7 @@ def make_plan(spec: Experiment) -> Plan:
     conditions = [parse_condition(text) for text in sweep.where]
     for cond in conditions:
         for name in cond.names:
-            if name not in sweep.labels and not _is_field(name):
+            if name not in sweep.labels and not is_field(name):
                 raise SpecError(f"sweep.where: {cond.text!r} names {name!r}, which is neither a field nor a label")
     base_axes = list(spec.instances.axes)
     for key in base_axes:
@@ -346,7 +346,7 @@ def make_plan(spec: Experiment) -> Plan:
         def lookup(name: str, combo: dict[str, Any] = combo, raw: dict[str, Any] = raw) -> Any:
             if name in sweep.labels:
                 return combo[name]
-            return _get_dotted(raw, name)
+            return get_dotted(raw, name)
 
         if not all(c.holds(lookup) for c in conditions):
             dropped += 1

@@ -1,0 +1,67 @@
+"""load_spec: a preset or file, --set overrides, --quick; the one entry point from text to an Experiment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from superposition.errors import SpecError
+from superposition.spec.base import flatten, get_or, set_dotted
+from superposition.spec.experiment import Experiment, parse_spec
+from superposition.spec.memory import check_memory
+from superposition.spec.presets import load_raw
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` overrides (values parsed as TOML, else taken as strings)."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p.isidentifier() for p in key.split(".")):
+            raise SpecError(f"--set {item!r}: expected section.field=value, e.g. --set model.d_hidden=3")
+        if key.startswith("instances.") and key != "instances.combine":
+            axis = key[len("instances.") :]
+            inst = raw.setdefault("instances", {})
+            if not isinstance(inst, dict):
+                raise SpecError("instances: must be a table")
+            # Gather the axes as InstancesSpec does (explicit axes, then the TOML-level keys) so the override
+            # replaces an axis in place (keeping the grid order) instead of being shadowed by the TOML-level key.
+            if not isinstance(inst.get("axes") or {}, dict):
+                raise SpecError("instances.axes: must be a table")
+            axes = dict(inst.get("axes") or {})
+            axes.update(flatten({k: v for k, v in inst.items() if k not in ("axes", "combine")}))
+            axes[axis] = parse_value(value)
+            raw["instances"] = {**({"combine": inst["combine"]} if "combine" in inst else {}), "axes": axes}
+            continue
+        set_dotted(raw, key, parse_value(value))
+    return raw
+
+
+def load_spec(source: str | Path | dict[str, Any], overrides: list[str] = (), quick: bool = False) -> Experiment:  # type: ignore[assignment]
+    """Load a spec from a TOML/JSON file, a preset name or a dict; apply `--quick` and `--set` overrides.
+
+    A spec may carry a ``[quick]`` table of dotted overrides that shrink it for CI (steps, grid), never shapes.
+    """
+    raw = dict(source) if isinstance(source, dict) else load_raw(source)
+    quick_table = raw.pop("quick", None)
+    if quick_table is not None and not isinstance(quick_table, dict):
+        raise SpecError("quick: must be a table of dotted overrides")
+    if quick:
+        q = flatten(quick_table or {})
+        q.setdefault("train.steps", min(int(get_or(raw, "train.steps", 5000)), 300))
+        raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in q.items()])
+    raw = apply_overrides(raw, list(overrides))
+    spec = parse_spec(raw)
+    check_memory(spec)
+    return spec
