@@ -30,12 +30,12 @@ from jaxtyping import Float, Int
 
 from superposition.geometry import Polygon, polygon_stats
 from superposition.plots.common import (
-    _AXIS_SHORT,
+    AXIS_SHORT,
     MAX_CURVES,
     MAX_PANELS,
     SUPERPOSITION_TITLE,
     NamedFigure,
-    _fmt,
+    fmt_value,
     instance_labels,
     json_key,
     pick_instances,
@@ -213,8 +213,8 @@ def _group_labels(spec: Experiment, exclude: Sequence[str]) -> list[str]:
     for point in spec.grid():
         parts = []
         for key in axes:
-            short = _AXIS_SHORT.get(key, key.split(".")[-1])
-            parts.append(f"{short} = {_fmt(point[key])}" if short else _fmt(point[key]))
+            short = AXIS_SHORT.get(key, key.split(".")[-1])
+            parts.append(f"{short} = {fmt_value(point[key])}" if short else fmt_value(point[key]))
         out.append(", ".join(parts))
     return out
 

@@ -53,14 +53,14 @@ class NamedFigure(NamedTuple):
     figure: go.Figure
 
 
-def _np(a: Any) -> np.ndarray:
+def as_array(a: Any) -> np.ndarray:
     """A float64 numpy copy of a tensor or array."""
     if hasattr(a, "detach"):
         a = a.detach().float().cpu().numpy()
     return np.asarray(a, dtype=np.float64)
 
 
-def _esc(text: str) -> str:
+def esc(text: str) -> str:
     """Escape text for plotly's pseudo-HTML labels (plotly.js shows the entities as the characters)."""
     return html.escape(str(text), quote=False)
 
@@ -72,16 +72,16 @@ def pick_instances(n: int, limit: int = MAX_PANELS) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, limit)).astype(np.int64))
 
 
-def _grid(n: int, cols: int | None = None, max_cols: int = 4) -> tuple[int, int]:
+def grid_shape(n: int, cols: int | None = None, max_cols: int = 4) -> tuple[int, int]:
     cols = min(n, cols or max_cols) if n else 1
     return max(1, math.ceil(n / cols)), max(1, cols)
 
 
-def _axis_ref(index: int) -> str:
+def axis_ref(index: int) -> str:
     return "x" if index == 1 else f"x{index}"
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if isinstance(v, bool) or v is None:
         return str(v)
     if isinstance(v, (int, float, np.floating, np.integer)):
@@ -94,12 +94,12 @@ def _fmt(v: Any) -> str:
         except ValueError:
             return v
     if isinstance(v, list):
-        shown = ", ".join(_fmt(x) for x in v[:3])
+        shown = ", ".join(fmt_value(x) for x in v[:3])
         return f"[{shown}{', …' if len(v) > 3 else ''}]"
     return str(v)
 
 
-_AXIS_SHORT = {
+AXIS_SHORT = {
     "seed": "seed",
     "data.feature_probability": "p",
     "task.importance": "I",
@@ -117,8 +117,8 @@ def instance_labels(spec: Experiment) -> list[str]:
     for i, point in enumerate(spec.grid()):
         parts = []
         for key in axes:
-            short = _AXIS_SHORT.get(key, key.split(".")[-1])
-            parts.append(f"{short} = {_fmt(point[key])}" if short else _fmt(point[key]))
+            short = AXIS_SHORT.get(key, key.split(".")[-1])
+            parts.append(f"{short} = {fmt_value(point[key])}" if short else fmt_value(point[key]))
         labels.append(", ".join(parts) if parts else f"instance {i}")
     return labels
 
@@ -128,12 +128,12 @@ def json_key(v: Any) -> str:
     return repr(v)
 
 
-def _subplot_grid(titles: Sequence[str], cols: int | None = None, **kwargs: Any) -> tuple[go.Figure, int, int]:
-    rows, cols = _grid(len(titles), cols, kwargs.pop("max_cols", 4))
+def subplot_grid(titles: Sequence[str], cols: int | None = None, **kwargs: Any) -> tuple[go.Figure, int, int]:
+    rows, cols = grid_shape(len(titles), cols, kwargs.pop("max_cols", 4))
     fig = make_subplots(
         rows=rows,
         cols=cols,
-        subplot_titles=[_esc(t) for t in titles],
+        subplot_titles=[esc(t) for t in titles],
         horizontal_spacing=kwargs.pop("horizontal_spacing", min(0.08, 0.5 / cols)),
         vertical_spacing=kwargs.pop("vertical_spacing", min(0.12, 0.6 / rows)),
         **kwargs,
@@ -141,7 +141,7 @@ def _subplot_grid(titles: Sequence[str], cols: int | None = None, **kwargs: Any)
     return fig, rows, cols
 
 
-def _finish(fig: go.Figure, title: str, height: int, width: int | None = None, **layout: Any) -> go.Figure:
+def finish(fig: go.Figure, title: str, height: int, width: int | None = None, **layout: Any) -> go.Figure:
     margin = {"l": 60, "r": 30, "t": 90, "b": 60, **layout.pop("margin", {})}
     fig.update_layout(
         template=TEMPLATE,
@@ -157,7 +157,7 @@ def _finish(fig: go.Figure, title: str, height: int, width: int | None = None, *
     return fig
 
 
-def _discrete_colours(n: int) -> list[str]:
+def discrete_colours(n: int) -> list[str]:
     if n <= 10:
         return list(qualitative.Plotly[:n])
     if n <= 24:
@@ -165,7 +165,7 @@ def _discrete_colours(n: int) -> list[str]:
     return sample_colorscale("Turbo", list(np.linspace(0, 1, n)))
 
 
-def _colours(values: np.ndarray, lo: float = 0.0, hi: float = 1.0) -> list[str]:
+def scale_colours(values: np.ndarray, lo: float = 0.0, hi: float = 1.0) -> list[str]:
     """Colours of the continuous scale for values in [lo, hi] (clipped; NaN as grey).
 
     Bars get explicit colours: plotly.js 4 warns for every bar whose colour is a number on a colour axis."""
@@ -175,7 +175,7 @@ def _colours(values: np.ndarray, lo: float = 0.0, hi: float = 1.0) -> list[str]:
     return [c if np.isfinite(x) else "#bbbbbb" for c, x in zip(out, v, strict=True)]
 
 
-def _colourbar_trace() -> go.Scatter:
+def colourbar_trace() -> go.Scatter:
     """An invisible trace that draws the shared colour axis's colour bar."""
     return go.Scatter(
         x=[None],
@@ -187,7 +187,7 @@ def _colourbar_trace() -> go.Scatter:
     )
 
 
-def _log_ticks(values: np.ndarray) -> dict[str, Any]:
+def log_ticks(values: np.ndarray) -> dict[str, Any]:
     """Ticks at 1, 2, 5 × 10^k inside the range of ``values``, labelled in plain numbers."""
     lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
     ticks = [
@@ -208,11 +208,11 @@ def _rgb(colour: str) -> tuple[int, int, int]:
     return int(float(nums[0])), int(float(nums[1])), int(float(nums[2]))
 
 
-def _lighten(colour: str, amount: float) -> str:
+def lighten(colour: str, amount: float) -> str:
     r, g, b = _rgb(colour)
     return "rgb({},{},{})".format(*(round(v + (255 - v) * amount) for v in (r, g, b)))
 
 
-def _darken(colour: str, amount: float = 0.25) -> str:
+def darken(colour: str, amount: float = 0.25) -> str:
     r, g, b = _rgb(colour)
     return "rgb({},{},{})".format(*(round(v * (1 - amount)) for v in (r, g, b)))

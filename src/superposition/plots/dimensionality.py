@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Bool, Float
 
-from superposition.plots.common import UNITLESS, _discrete_colours, _esc, _finish, _log_ticks, _np
+from superposition.plots.common import UNITLESS, as_array, discrete_colours, esc, finish, log_ticks
 
 # Sticky feature dimensionalities of the paper's geometry figure and the configuration that produces each.
 _STICKY: tuple[tuple[float, str], ...] = (
@@ -40,12 +40,12 @@ def geometry(
 
     Traces: two per group (a line and the feature dots); the sticky values are layout lines.
     """
-    p, dpf = _np(probability), _np(dims_per_feature)
-    D, rep = _np(feature_dimensionality), np.asarray(represented, dtype=bool)
+    p, dpf = as_array(probability), as_array(dims_per_feature)
+    D, rep = as_array(feature_dimensionality), np.asarray(represented, dtype=bool)
     groups = list(groups) if groups is not None else [""] * len(p)
     fig = go.Figure()
     names = list(dict.fromkeys(groups))
-    colours = _discrete_colours(len(names))
+    colours = discrete_colours(len(names))
     for colour, name in zip(colours, names, strict=True):
         idx = np.array([i for i, g in enumerate(groups) if g == name])
         idx = idx[np.argsort(p[idx])[::-1]]
@@ -56,7 +56,7 @@ def geometry(
                 x=x,
                 y=dpf[idx],
                 mode="lines+markers",
-                name=_esc(prefix) + "dimensions per feature d/‖W‖<sub>F</sub>²",
+                name=esc(prefix) + "dimensions per feature d/‖W‖<sub>F</sub>²",
                 line=dict(color=colour, width=2),
                 marker=dict(size=6, color=colour),
                 hovertemplate="1/p = %{x:.4g}<br>d/‖W‖_F² = %{y:.3f}<extra></extra>",
@@ -71,7 +71,7 @@ def geometry(
                 x=fx * jitter,
                 y=fy,
                 mode="markers",
-                name=_esc(prefix) + "feature dimensionality D<sub>i</sub> (represented features)",
+                name=esc(prefix) + "feature dimensionality D<sub>i</sub> (represented features)",
                 marker=dict(size=5, color=colour, opacity=0.55, symbol="circle-open"),
                 hovertemplate="1/p ≈ %{x:.4g}<br>D_i = %{y:.3f}<extra></extra>",
             )
@@ -90,8 +90,8 @@ def geometry(
             font=dict(size=10, color="#666"),
         )
     fig.update_xaxes(
-        type="log", title_text="1/(1−S) = 1/p (inverse feature density, dimensionless)", **_log_ticks(1.0 / p)
+        type="log", title_text="1/(1−S) = 1/p (inverse feature density, dimensionless)", **log_ticks(1.0 / p)
     )
     top = max(1.12, 1.05 * float(np.nanmax(dpf, initial=0.0)))
     fig.update_yaxes(range=[0, top], title_text=f"dimensions per feature, D<sub>i</sub> {UNITLESS}")
-    return _finish(fig, title, height=500, legend=dict(orientation="h", y=-0.2), margin=dict(l=60, r=170, t=90, b=90))
+    return finish(fig, title, height=500, legend=dict(orientation="h", y=-0.2), margin=dict(l=60, r=170, t=90, b=90))

@@ -20,15 +20,15 @@ from superposition.plots.common import (
     SUP,
     SUPERPOSITION_TITLE,
     UNITLESS,
-    _axis_ref,
-    _colourbar_trace,
-    _colours,
-    _discrete_colours,
-    _esc,
-    _finish,
-    _grid,
-    _np,
-    _subplot_grid,
+    as_array,
+    axis_ref,
+    colourbar_trace,
+    discrete_colours,
+    esc,
+    finish,
+    grid_shape,
+    scale_colours,
+    subplot_grid,
 )
 
 
@@ -52,17 +52,17 @@ def features_2d(
     ``MAX_ARROWS`` features (double descent: 1000 features in 2-D) two per panel instead: all shafts in one grey
     trace, all tips in one trace coloured by importance.
     """
-    W, imp = _np(W), _np(importance)
+    W, imp = as_array(W), as_array(importance)
     n_inst, hidden, n_feat = W.shape
     if hidden != 2:
         raise ValueError(f"features_2d needs a 2-D hidden space (got {hidden})")
-    fig, rows, cols = _subplot_grid(titles, cols, max_cols=4)
+    fig, rows, cols = subplot_grid(titles, cols, max_cols=4)
     lo, hi = float(imp.min()), float(imp.max())
     scaled = (imp - lo) / (hi - lo) if hi > lo else np.full_like(imp, 0.5)
     colours = np.array(sample_colorscale(CONTINUOUS, list(scaled.ravel()))).reshape(imp.shape)
     group_names = list(dict.fromkeys(groups)) if groups is not None else []
     if groups is not None:
-        palette = dict(zip(group_names, _discrete_colours(len(group_names)), strict=True))
+        palette = dict(zip(group_names, discrete_colours(len(group_names)), strict=True))
         colours = np.array([[palette[g] for g in groups]] * n_inst)
         title = title.replace("coloured by its importance I<sub>i</sub>", "coloured by group")
     lim = 1.15 * max(1.0, float(np.nanmax(np.abs(W), initial=0.0)))
@@ -79,8 +79,8 @@ def features_2d(
                     mode="lines+markers",
                     line=dict(color=colours[k, i], width=2),
                     marker=dict(size=[0, 7], color=colours[k, i]),
-                    name=_esc(groups[i]) if groups is not None else None,
-                    legendgroup=_esc(groups[i]) if groups is not None else None,
+                    name=esc(groups[i]) if groups is not None else None,
+                    legendgroup=esc(groups[i]) if groups is not None else None,
                     showlegend=groups is not None and k == 0 and groups.index(groups[i]) == i,
                     hovertemplate=(
                         f"feature {i}<br>importance {imp[k, i]:.3g}<br>W<sub>i</sub> = ({x:.3f}, {y:.3f})"
@@ -94,7 +94,7 @@ def features_2d(
         fig.update_xaxes(range=[-lim, lim], zeroline=True, showticklabels=False, row=row + 1, col=col + 1)
         fig.update_yaxes(
             range=[-lim, lim],
-            scaleanchor=_axis_ref(idx),
+            scaleanchor=axis_ref(idx),
             scaleratio=1,
             zeroline=True,
             showticklabels=False,
@@ -118,7 +118,7 @@ def features_2d(
             ),
         )
     )
-    return _finish(fig, title, height=100 + 250 * rows, width=max(640, 230 * cols + 170))
+    return finish(fig, title, height=100 + 250 * rows, width=max(640, 230 * cols + 170))
 
 
 def _many_arrows(fig: go.Figure, W: np.ndarray, imp: np.ndarray, colours: np.ndarray, row: int, col: int) -> None:
@@ -166,9 +166,9 @@ def features_nd(
 
     Traces: one bar trace per panel, plus one that carries the colour bar.
     """
-    norms, sup = _np(norms), _np(superposition)
+    norms, sup = as_array(norms), as_array(superposition)
     n_inst, n_feat = norms.shape
-    fig, rows, cols = _subplot_grid(titles, cols)
+    fig, rows, cols = subplot_grid(titles, cols)
     feats = np.arange(n_feat)
     for k in range(n_inst):
         row, col = divmod(k, cols)
@@ -177,7 +177,7 @@ def features_nd(
                 x=norms[k],
                 y=feats,
                 orientation="h",
-                marker=dict(color=_colours(sup[k])),
+                marker=dict(color=scale_colours(sup[k])),
                 customdata=sup[k],
                 showlegend=False,
                 hovertemplate="feature %{y}<br>norm %{x:.3f}<br>superposition %{customdata:.3f}<extra></extra>",
@@ -185,7 +185,7 @@ def features_nd(
             row=row + 1,
             col=col + 1,
         )
-    fig.add_trace(_colourbar_trace(), row=1, col=1)
+    fig.add_trace(colourbar_trace(), row=1, col=1)
     fig.update_yaxes(autorange="reversed", showticklabels=n_feat <= 40, dtick=1 if n_feat <= 20 else None)
     fig.update_yaxes(title_text="feature i", col=1)
     fig.update_xaxes(range=[0, max(1.2, 1.05 * float(norms.max(initial=0.0)))])
@@ -200,7 +200,7 @@ def features_nd(
         bargap=0.15,
     )
     per_row = max(180, min(420, 14 * n_feat + 60))
-    return _finish(fig, title, height=80 + per_row * rows)
+    return finish(fig, title, height=80 + per_row * rows)
 
 
 def _stacked(values: Float[np.ndarray, "neurons feats"]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -232,9 +232,9 @@ def neuron_bars(
 
     Traces: one bar trace per panel (segments placed with explicit bases), plus one that carries the colour bar.
     """
-    W, sup = _np(W), _np(superposition)
+    W, sup = as_array(W), as_array(superposition)
     n_inst, n_neur, n_feat = W.shape
-    fig, rows, cols = _subplot_grid(titles, cols)
+    fig, rows, cols = subplot_grid(titles, cols)
     for k in range(n_inst):
         row, col = divmod(k, cols)
         neuron, feature, value, base = _stacked(W[k])
@@ -244,7 +244,7 @@ def neuron_bars(
                 x=neuron[keep],
                 y=value[keep],
                 base=base[keep],
-                marker=dict(color=_colours(sup[k][feature[keep]]), line=dict(width=0.5, color="white")),
+                marker=dict(color=scale_colours(sup[k][feature[keep]]), line=dict(width=0.5, color="white")),
                 customdata=np.stack([feature[keep], sup[k][feature[keep]]], axis=-1),
                 showlegend=False,
                 hovertemplate=(
@@ -255,7 +255,7 @@ def neuron_bars(
             row=row + 1,
             col=col + 1,
         )
-    fig.add_trace(_colourbar_trace(), row=1, col=1)
+    fig.add_trace(colourbar_trace(), row=1, col=1)
     fig.update_layout(
         barmode="overlay",
         bargap=0.2,
@@ -269,7 +269,7 @@ def neuron_bars(
     fig.update_xaxes(dtick=1 if n_neur <= 20 else None)
     fig.update_xaxes(title_text="neuron n", row=rows)
     fig.update_yaxes(title_text=f"W<sub>n,i</sub> {UNITLESS}", col=1)
-    return _finish(fig, title, height=80 + 260 * rows)
+    return finish(fig, title, height=80 + 260 * rows)
 
 
 def features_nd_discrete(
@@ -289,14 +289,14 @@ def features_nd_discrete(
     Traces: one bar trace per feature per (instance, matrix) panel; clicking a feature in the legend hides it in
     every panel.
     """
-    mats = [(name, _np(m)) for name, m in weights]
+    mats = [(name, as_array(m)) for name, m in weights]
     n_inst, n_neur, n_feat = mats[0][1].shape
-    rows_per, (block_rows, cols) = len(mats), _grid(n_inst, cols, 6)
+    rows_per, (block_rows, cols) = len(mats), grid_shape(n_inst, cols, 6)
     panel_titles = [""] * (block_rows * rows_per * cols)
     for k in range(n_inst):
         br, c = divmod(k, cols)
         for m, (name, _) in enumerate(mats):
-            panel_titles[(br * rows_per + m) * cols + c] = _esc(f"{titles[k]} · {name}")
+            panel_titles[(br * rows_per + m) * cols + c] = esc(f"{titles[k]} · {name}")
     fig = make_subplots(
         rows=block_rows * rows_per,
         cols=cols,
@@ -304,7 +304,7 @@ def features_nd_discrete(
         horizontal_spacing=min(0.06, 0.5 / cols),
         vertical_spacing=min(0.1, 0.6 / (block_rows * rows_per)),
     )
-    colours = _discrete_colours(n_feat)
+    colours = discrete_colours(n_feat)
     neurons = np.arange(n_neur)
     for k in range(n_inst):
         br, c = divmod(k, cols)
@@ -314,7 +314,7 @@ def features_nd_discrete(
                     go.Bar(
                         x=neurons,
                         y=mat[k, :, i],
-                        name=_esc(feature_labels[i]),
+                        name=esc(feature_labels[i]),
                         legendgroup=f"feature-{i}",
                         showlegend=k == 0 and m == 0,
                         marker=dict(color=colours[i], line=dict(width=0.3, color="white")),
@@ -327,7 +327,7 @@ def features_nd_discrete(
     fig.update_xaxes(dtick=1 if n_neur <= 20 else None)
     fig.update_xaxes(title_text="neuron n", row=block_rows * rows_per)
     fig.update_yaxes(title_text=f"weight {UNITLESS}", col=1)
-    return _finish(fig, title, height=80 + 230 * block_rows * rows_per)
+    return finish(fig, title, height=80 + 230 * block_rows * rows_per)
 
 
 def interaction_heatmaps(
@@ -348,17 +348,17 @@ def interaction_heatmaps(
 
     Traces: one heatmap per panel, plus one per bias column.
     """
-    M = _np(M)
-    b = None if bias is None else _np(bias)
+    M = as_array(M)
+    b = None if bias is None else as_array(bias)
     n_inst, n_feat, _ = M.shape
-    rows, cols = _grid(n_inst, cols, 4)
+    rows, cols = grid_shape(n_inst, cols, 4)
     per = 2 if b is not None else 1
     widths = ([1.0, 0.09] if b is not None else [1.0]) * cols
     spec_titles: list[str] = []
     for r in range(rows):
         for c in range(cols):
             k = r * cols + c
-            spec_titles.append(_esc(titles[k]) if k < n_inst else "")
+            spec_titles.append(esc(titles[k]) if k < n_inst else "")
             if b is not None:
                 spec_titles.append("b" if k < n_inst else "")
     fig = make_subplots(
@@ -416,4 +416,4 @@ def interaction_heatmaps(
             colorbar=dict(title=dict(text=f"weight product<br>{UNITLESS}"), thickness=12),
         )
     )
-    return _finish(fig, title, height=90 + 250 * rows)
+    return finish(fig, title, height=90 + 250 * rows)

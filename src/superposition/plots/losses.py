@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Float
 
-from superposition.plots.common import UNITLESS, _esc, _finish, _np
+from superposition.plots.common import UNITLESS, as_array, esc, finish
 
 
 def tmcc_loss(
@@ -29,8 +29,8 @@ def tmcc_loss(
 
     Traces: the trained points and the naive line.
     """
-    p, L = _np(probability), _np(loss)
-    naive = np.broadcast_to(_np(naive_loss_per_p), p.shape)
+    p, L = as_array(probability), as_array(loss)
+    naive = np.broadcast_to(as_array(naive_loss_per_p), p.shape)
     order = np.argsort(p)
     fig = go.Figure()
     fig.add_trace(
@@ -39,7 +39,7 @@ def tmcc_loss(
             y=(L / p)[order],
             mode="markers+lines" if len(np.unique(p)) > 1 else "markers",
             name="trained model",
-            text=[_esc(labels[i]) for i in order],
+            text=[esc(labels[i]) for i in order],
             marker=dict(size=9),
             hovertemplate="%{text}<br>p = %{x:.3g}<br>L/p = %{y:.4f}<extra></extra>",
         )
@@ -52,7 +52,7 @@ def tmcc_loss(
     fig.add_trace(go.Scatter(x=nx, y=ny, mode="lines", name=name, line=dict(color="black", dash="dash")))
     fig.update_xaxes(type="log", title_text="feature probability p (dimensionless, log scale)")
     fig.update_yaxes(title_text="loss per feature / p (dimensionless)", rangemode="tozero")
-    return _finish(fig, title, height=460, legend=dict(orientation="h", y=-0.2))
+    return finish(fig, title, height=460, legend=dict(orientation="h", y=-0.2))
 
 
 def benefit_interference(
@@ -71,8 +71,8 @@ def benefit_interference(
 
     Traces: benefit, interference (and loss).
     """
-    b, it = _np(benefit), _np(interference)
-    names = [_esc(s) for s in labels]
+    b, it = as_array(benefit), as_array(interference)
+    names = [esc(s) for s in labels]
     fig = go.Figure()
     fig.add_trace(go.Bar(x=names, y=b, name="feature benefit term", marker_color="#4c78a8"))
     fig.add_trace(go.Bar(x=names, y=it, name="interference term", marker_color="#e45756"))
@@ -80,7 +80,7 @@ def benefit_interference(
         fig.add_trace(
             go.Scatter(
                 x=names,
-                y=_np(loss),
+                y=as_array(loss),
                 mode="markers",
                 name="trained loss (per feature)",
                 marker=dict(color="black", size=9, symbol="diamond"),
@@ -89,4 +89,4 @@ def benefit_interference(
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text=f"term value {UNITLESS}")
     fig.update_xaxes(title_text="instance")
-    return _finish(fig, title, height=480, legend=dict(orientation="h", y=-0.3))
+    return finish(fig, title, height=480, legend=dict(orientation="h", y=-0.3))

@@ -13,13 +13,13 @@ from jaxtyping import Float, Int
 
 from superposition.plots.common import (
     CONTINUOUS,
-    _darken,
-    _discrete_colours,
-    _esc,
-    _finish,
-    _lighten,
-    _log_ticks,
-    _np,
+    as_array,
+    darken,
+    discrete_colours,
+    esc,
+    finish,
+    lighten,
+    log_ticks,
 )
 
 
@@ -47,14 +47,14 @@ def phase_diagram(
 
     Traces: one heatmap, one line per boundary, one marker trace per trained-point label present.
     """
-    x, y, win = _np(x), _np(y), np.asarray(winner, dtype=np.int64)
+    x, y, win = as_array(x), as_array(y), np.asarray(winner, dtype=np.int64)
     K = len(names)
-    region = _discrete_colours(max(K, 1))
-    light = [_lighten(c, 0.55) for c in region]
+    region = discrete_colours(max(K, 1))
+    light = [lighten(c, 0.55) for c in region]
     scale: list[list[Any]] = []
     for k in range(K):
         scale += [[k / K, light[k]], [(k + 1) / K, light[k]]]
-    text = np.array([_esc(n) for n in names], dtype=object)[np.clip(win, 0, K - 1)]
+    text = np.array([esc(n) for n in names], dtype=object)[np.clip(win, 0, K - 1)]
     fig = go.Figure(
         go.Heatmap(
             x=x,
@@ -70,7 +70,7 @@ def phase_diagram(
     )
     for name, bx, by in boundaries:
         fig.add_trace(
-            go.Scatter(x=_np(bx), y=_np(by), mode="lines", name=_esc(name), line=dict(color="black", width=2))
+            go.Scatter(x=as_array(bx), y=as_array(by), mode="lines", name=esc(name), line=dict(color="black", width=2))
         )
     # Label each region at its centre (in the axes' own scale).
     fx = np.log10(x) if log_x else x
@@ -81,27 +81,27 @@ def phase_diagram(
             continue
         cx, cy = float(np.median(fx[ix])), float(np.median(fy[iy]))
         fig.add_annotation(
-            x=cx, y=cy, text=f"<b>{_esc(name)}</b>", showarrow=False, font=dict(size=12, color=_darken(region[k]))
+            x=cx, y=cy, text=f"<b>{esc(name)}</b>", showarrow=False, font=dict(size=12, color=darken(region[k]))
         )
     if points_x is not None and points_y is not None and points_label is not None:
-        px, py, pl = _np(points_x), _np(points_y), np.asarray(points_label, dtype=np.int64)
+        px, py, pl = as_array(points_x), as_array(points_y), np.asarray(points_label, dtype=np.int64)
         for k in sorted(set(pl.tolist())):
             sel = pl == k
             name = names[k] if 0 <= k < K else "other"
-            colour = _darken(region[k]) if 0 <= k < K else "#444"
+            colour = darken(region[k]) if 0 <= k < K else "#444"
             fig.add_trace(
                 go.Scatter(
                     x=px[sel],
                     y=py[sel],
                     mode="markers",
-                    name=_esc(f"trained: {name}"),
+                    name=esc(f"trained: {name}"),
                     marker=dict(size=9, color=colour, line=dict(color="white", width=1.5), symbol="circle"),
-                    hovertemplate=f"trained point<br>x = %{{x:.3g}}<br>y = %{{y:.3g}}<br>{_esc(name)}<extra></extra>",
+                    hovertemplate=f"trained point<br>x = %{{x:.3g}}<br>y = %{{y:.3g}}<br>{esc(name)}<extra></extra>",
                 )
             )
-    fig.update_xaxes(type="log" if log_x else "linear", title_text=x_title, **(_log_ticks(x) if log_x else {}))
-    fig.update_yaxes(type="log" if log_y else "linear", title_text=y_title, **(_log_ticks(y) if log_y else {}))
-    return _finish(fig, title, height=620, width=900, legend=dict(orientation="h", y=-0.16), margin=dict(t=120))
+    fig.update_xaxes(type="log" if log_x else "linear", title_text=x_title, **(log_ticks(x) if log_x else {}))
+    fig.update_yaxes(type="log" if log_y else "linear", title_text=y_title, **(log_ticks(y) if log_y else {}))
+    return finish(fig, title, height=620, width=900, legend=dict(orientation="h", y=-0.16), margin=dict(t=120))
 
 
 def _relative_importance(importances: np.ndarray) -> np.ndarray:
@@ -137,7 +137,7 @@ def phase_comparison(
     title = title or (
         f"Phase diagram, {n} features in {m} dimension{'s' if m > 1 else ''}: analytic vs trained "
         f"({100 * agree.mean():.0f}% of cells agree)<br><sup>background: lowest exact expected loss "
-        f"({_esc(analytic.convention)} convention); dots: each cell's best trained seed; crosses: disagreement</sup>"
+        f"({esc(analytic.convention)} convention); dots: each cell's best trained seed; crosses: disagreement</sup>"
     )
     fig = phase_diagram(
         x,
@@ -224,14 +224,14 @@ def phase_gap(analytic: Any, title: str | None = None) -> go.Figure:
     fig.update_xaxes(
         type="log",
         title_text=f"relative importance I<sub>{n}</sub>/I<sub>1</sub> of the last feature (dimensionless, log scale)",
-        **_log_ticks(x),
+        **log_ticks(x),
     )
     fig.update_yaxes(
-        type="log", title_text="feature density 1−S (probability of being active, log scale)", **_log_ticks(y)
+        type="log", title_text="feature density 1−S (probability of being active, log scale)", **log_ticks(y)
     )
     title = title or (
         f"Loss gap between the best and second-best candidate, {n} features in {m} dimension{'s' if m > 1 else ''}"
         f"<br><sup>(L<sub>2nd</sub> − L<sub>best</sub>)/L<sub>best</sub> in percent, log colour scale "
-        f"({_esc(analytic.convention)} convention); dark cells sit on a phase boundary</sup>"
+        f"({esc(analytic.convention)} convention); dark cells sit on a phase boundary</sup>"
     )
-    return _finish(fig, title, height=600, width=900)
+    return finish(fig, title, height=600, width=900)

@@ -13,12 +13,12 @@ from plotly.subplots import make_subplots
 
 from superposition.plots.common import (
     DIVERGING,
-    _axis_ref,
-    _discrete_colours,
-    _esc,
-    _finish,
-    _np,
-    _subplot_grid,
+    as_array,
+    axis_ref,
+    discrete_colours,
+    esc,
+    finish,
+    subplot_grid,
 )
 
 
@@ -39,14 +39,14 @@ def sae_directions_2d(
 
     Traces: one per feature and one per latent in each panel; the legend toggles a latent in every panel.
     """
-    F, L = _np(features), _np(latents)
+    F, L = as_array(features), as_array(latents)
     F = F / np.maximum(np.linalg.norm(F, axis=-1).max(axis=-1, initial=0.0), 1e-12)[:, None, None]
     is_dead = np.zeros(L.shape[:2], dtype=bool) if dead is None else np.asarray(dead, dtype=bool)
     n_panels, n_dirs, _ = F.shape
     n_lat = L.shape[1]
     labels = list(feature_labels) if feature_labels is not None else [f"f{i}" for i in range(n_dirs)]
-    colours = _discrete_colours(n_lat)
-    fig, rows, cols = _subplot_grid(titles, cols, max_cols=8)
+    colours = discrete_colours(n_lat)
+    fig, rows, cols = subplot_grid(titles, cols, max_cols=8)
     lim = 1.15 * max(1.0, float(np.abs(F).max(initial=0.0)))
     for k in range(n_panels):
         row, col = divmod(k, cols)
@@ -60,7 +60,7 @@ def sae_directions_2d(
                     line=dict(color="#9a9a9a", width=5),
                     marker=dict(size=[0, 11], color="#9a9a9a", symbol="arrow", angleref="previous"),
                     showlegend=False,
-                    hovertemplate=f"true feature {_esc(labels[i])}<br>({x:.3f}, {y:.3f})<extra></extra>",
+                    hovertemplate=f"true feature {esc(labels[i])}<br>({x:.3f}, {y:.3f})<extra></extra>",
                 ),
                 row=row + 1,
                 col=col + 1,
@@ -88,14 +88,14 @@ def sae_directions_2d(
         fig.update_xaxes(range=[-lim, lim], zeroline=True, showticklabels=False, row=row + 1, col=col + 1)
         fig.update_yaxes(
             range=[-lim, lim],
-            scaleanchor=_axis_ref(k + 1),
+            scaleanchor=axis_ref(k + 1),
             scaleratio=1,
             zeroline=True,
             showticklabels=False,
             row=row + 1,
             col=col + 1,
         )
-    return _finish(fig, title, height=80 + 200 * rows, width=max(640, 180 * cols + 200))
+    return finish(fig, title, height=80 + 200 * rows, width=max(640, 180 * cols + 200))
 
 
 def sae_cosine_heatmap(
@@ -111,10 +111,10 @@ def sae_cosine_heatmap(
 
     Traces: one heatmap per panel on a shared colour axis.
     """
-    C = _np(cosine)
+    C = as_array(cosine)
     n_panels, n_lat, n_dirs = C.shape
-    fig, rows, cols = _subplot_grid(titles, cols, max_cols=3)
-    xs = [_esc(s) for s in feature_labels]
+    fig, rows, cols = subplot_grid(titles, cols, max_cols=3)
+    xs = [esc(s) for s in feature_labels]
     for k in range(n_panels):
         row, col = divmod(k, cols)
         fig.add_trace(
@@ -141,7 +141,7 @@ def sae_cosine_heatmap(
             colorbar=dict(title=dict(text="cosine<br>(dimensionless)"), thickness=12),
         )
     )
-    return _finish(fig, title, height=100 + max(220, 26 * n_lat + 80) * rows)
+    return finish(fig, title, height=100 + max(220, 26 * n_lat + 80) * rows)
 
 
 _SAE_AXIS = {
@@ -176,11 +176,11 @@ def sae_pareto(
     fig = make_subplots(
         rows=1,
         cols=len(ys),
-        subplot_titles=[_esc(_SAE_AXIS.get(y, y)) for y in ys],
+        subplot_titles=[esc(_SAE_AXIS.get(y, y)) for y in ys],
         horizontal_spacing=0.08,
     )
     names = list(dict.fromkeys(table[curve].tolist()))
-    colours = _discrete_colours(max(1, len(names)))
+    colours = discrete_colours(max(1, len(names)))
     for c, name in enumerate(names):
         sub = table[table[curve] == name].sort_values(x)
         for p, y in enumerate(ys):
@@ -189,19 +189,19 @@ def sae_pareto(
                     x=sub[x].to_numpy(dtype=np.float64),
                     y=sub[y].to_numpy(dtype=np.float64),
                     mode="lines+markers",
-                    name=_esc(name),
-                    legendgroup=_esc(name),
+                    name=esc(name),
+                    legendgroup=esc(name),
                     showlegend=p == 0,
                     line=dict(color=colours[c]),
                     marker=dict(size=8),
-                    text=[_esc(s) for s in sub[label]],
-                    hovertemplate=f"{_esc(name)}<br>%{{text}}<br>{x} = %{{x:.3g}}<br>{y} = %{{y:.4g}}<extra></extra>",
+                    text=[esc(s) for s in sub[label]],
+                    hovertemplate=f"{esc(name)}<br>%{{text}}<br>{x} = %{{x:.3g}}<br>{y} = %{{y:.4g}}<extra></extra>",
                 ),
                 row=1,
                 col=p + 1,
             )
     log_x = bool((table[x].to_numpy(dtype=np.float64) > 0).all())
-    fig.update_xaxes(title_text=_esc(_SAE_AXIS.get(x, x) + (" (log scale)" if log_x else "")))
+    fig.update_xaxes(title_text=esc(_SAE_AXIS.get(x, x) + (" (log scale)" if log_x else "")))
     if log_x:
         fig.update_xaxes(type="log")
     if reference_x is not None and np.isfinite(reference_x) and (reference_x > 0 or not log_x):
@@ -214,7 +214,7 @@ def sae_pareto(
                     y=[lo, hi],
                     mode="lines",
                     line=dict(color="#555", dash="dot", width=1.5),
-                    name=_esc(reference_name),
+                    name=esc(reference_name),
                     legendgroup="reference",
                     showlegend=p == 0,
                     hoverinfo="skip",
@@ -222,7 +222,7 @@ def sae_pareto(
                 row=1,
                 col=p + 1,
             )
-    return _finish(fig, title, height=460, legend=dict(orientation="h", y=-0.25))
+    return finish(fig, title, height=460, legend=dict(orientation="h", y=-0.25))
 
 
 def sae_dead_latents(
@@ -238,7 +238,7 @@ def sae_dead_latents(
     """
     fig = go.Figure()
     names = list(dict.fromkeys(history["series"].tolist()))
-    colours = _discrete_colours(max(1, len(names)))
+    colours = discrete_colours(max(1, len(names)))
     for c, name in enumerate(names):
         sub = history[history["series"] == name].sort_values("step")
         fig.add_trace(
@@ -246,10 +246,10 @@ def sae_dead_latents(
                 x=sub["step"].to_numpy(),
                 y=sub["dead"].to_numpy(dtype=np.float64),
                 mode="lines",
-                name=_esc(name),
-                legendgroup=_esc(name),
+                name=esc(name),
+                legendgroup=esc(name),
                 line=dict(color=colours[c]),
-                hovertemplate=f"{_esc(name)}<br>step %{{x}}<br>dead %{{y:.3g}}<extra></extra>",
+                hovertemplate=f"{esc(name)}<br>step %{{x}}<br>dead %{{y:.3g}}<extra></extra>",
             )
         )
         ev = events[events["series"] == name]
@@ -263,8 +263,8 @@ def sae_dead_latents(
                     x=steps,
                     y=before,
                     mode="markers",
-                    name=_esc(f"{name}: resampled"),
-                    legendgroup=_esc(name),
+                    name=esc(f"{name}: resampled"),
+                    legendgroup=esc(name),
                     showlegend=False,
                     marker=dict(symbol="triangle-down", size=11, color=colours[c], line=dict(color="black", width=1)),
                     customdata=ev["resampled"].to_numpy(),
@@ -275,4 +275,4 @@ def sae_dead_latents(
         fig.add_vline(x=float(step), line=dict(color="#888", dash="dot", width=1))
     fig.update_xaxes(title_text="training step")
     fig.update_yaxes(title_text="dead latents per SAE (mean count)", rangemode="tozero")
-    return _finish(fig, title, height=420, legend=dict(orientation="h", y=-0.25))
+    return finish(fig, title, height=420, legend=dict(orientation="h", y=-0.25))

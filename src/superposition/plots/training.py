@@ -16,13 +16,13 @@ from superposition.plots.common import (
     MAX_CURVES,
     MAX_LEGEND,
     UNITLESS,
-    _axis_ref,
-    _discrete_colours,
-    _esc,
-    _finish,
-    _np,
-    _subplot_grid,
+    as_array,
+    axis_ref,
+    discrete_colours,
+    esc,
+    finish,
     pick_instances,
+    subplot_grid,
 )
 
 
@@ -46,10 +46,10 @@ def training_geometry(
     """
     if not (len(features) == len(points) == len(titles)):
         raise ValueError("training_geometry: features, points and titles differ in length")
-    fig, rows, cols = _subplot_grid(titles, cols, max_cols=3)
+    fig, rows, cols = subplot_grid(titles, cols, max_cols=3)
     feature_colour, point_colour = qualitative.Plotly[0], qualitative.Plotly[1]
     for k, (W, H) in enumerate(zip(features, points, strict=True)):
-        W, H = _np(W).reshape(2, -1), _np(H).reshape(-1, 2)
+        W, H = as_array(W).reshape(2, -1), as_array(H).reshape(-1, 2)
         row, col = divmod(k, cols)
         n = W.shape[1]
         shafts = np.full((n, 3, 2), np.nan)
@@ -103,9 +103,9 @@ def training_geometry(
         lim = 1.12 * max(float(np.nanmax(w_norm, initial=0.0)), float(np.nanmax(h_norm, initial=0.0)), 1e-6)
         fig.update_xaxes(range=[-lim, lim], zeroline=True, tickfont=dict(size=9), **where)
         fig.update_yaxes(
-            range=[-lim, lim], scaleanchor=_axis_ref(k + 1), scaleratio=1, zeroline=True, tickfont=dict(size=9), **where
+            range=[-lim, lim], scaleanchor=axis_ref(k + 1), scaleratio=1, zeroline=True, tickfont=dict(size=9), **where
         )
-    return _finish(
+    return finish(
         fig,
         title,
         height=130 + 300 * rows,
@@ -134,7 +134,7 @@ def loss_curves(
     fig = go.Figure()
     by_inst = {int(k): g for k, g in history.groupby("instance")} if len(history) else {}
     colours = (
-        _discrete_colours(len(chosen))
+        discrete_colours(len(chosen))
         if len(chosen) <= 24
         else sample_colorscale(CONTINUOUS, list(np.linspace(0, 0.95, len(chosen))))
     )
@@ -148,11 +148,11 @@ def loss_curves(
                 x=steps,
                 y=loss,
                 mode="lines",
-                name=_esc(f"{int(k)}: {labels[int(k)]}"),
+                name=esc(f"{int(k)}: {labels[int(k)]}"),
                 line=dict(width=1.5, color=colour),
                 hovertemplate=f"instance {int(k)}<br>step %{{x}}<br>loss %{{y:.4g}}<extra></extra>",
             )
         )
     fig.update_yaxes(type="log", exponentformat="power", title_text=f"loss per feature {UNITLESS}")
     fig.update_xaxes(title_text="training step (optimiser steps)")
-    return _finish(fig, title, height=480, legend=dict(font=dict(size=10)), showlegend=len(chosen) <= MAX_LEGEND)
+    return finish(fig, title, height=480, legend=dict(font=dict(size=10)), showlegend=len(chosen) <= MAX_LEGEND)
