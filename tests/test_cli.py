@@ -84,3 +84,22 @@ def test_run_writes_a_loadable_folder(capsys, tmp_path):
     assert code == 0 and "represented features" in stdout
     run = load_run(out)
     assert run.spec.train.steps == 60 and len(run.instances) == 8
+
+
+def test_unknown_preset_suggests_the_closest_name(capsys):
+    code, out, err = _run(capsys, "run", "dmeo")
+    assert code == 2 and out == ""
+    assert err == "error: 'dmeo' is neither a spec file nor a preset (did you mean 'demo'?)\n"
+
+
+def test_quick_prints_one_line_of_what_it_shrank_unless_quiet(capsys, tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "s"\n[train]\nsteps = 2000\n[sweep.axes]\n"model.d_hidden" = [2, 3, 4]\n')
+    code, out, _ = _run(capsys, "sweep", str(spec), "--quick", "--dry-run", "--out", str(tmp_path / "o"))
+    assert code == 0
+    assert out.splitlines()[0] == "quick: train.steps 2000 -> 300, sweep.axes.model.d_hidden 3 -> 2 values"
+    assert out.count("quick:") == 1
+    code, out, _ = _run(capsys, "sweep", str(spec), "--quick", "--dry-run", "--quiet", "--out", str(tmp_path / "o"))
+    assert code == 0 and "quick:" not in out
+    code, out, _ = _run(capsys, "sweep", str(spec), "--dry-run", "--out", str(tmp_path / "o"))
+    assert code == 0 and "quick:" not in out

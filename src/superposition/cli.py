@@ -60,13 +60,19 @@ def _root(
     """Toy models of superposition."""
 
 
-def _load(spec: str, overrides: list[str] | None, quick: bool, device: str | None):
-    from superposition.spec import load_spec
+def _load(spec: str, overrides: list[str] | None, quick: bool, device: str | None, *, quiet: bool = False):
+    """The experiment of a spec or preset; with --quick, first one line saying what it shrank (unless --quiet)."""
+    from superposition.spec import load_quick, load_spec
 
     sets = list(overrides or [])
     if device is not None:
         sets.append(f"device={device!r}".replace("'", '"'))
-    return load_spec(spec, sets, quick=quick)
+    if not quick:
+        return load_spec(spec, sets)
+    experiment, shrunk = load_quick(spec, sets)
+    if shrunk and not quiet:
+        typer.echo(shrunk)
+    return experiment
 
 
 def _summary(run) -> str:
@@ -88,7 +94,14 @@ def run_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
     ] = None,
-    quick: Annotated[bool, typer.Option(help="Shrink steps and grid for a fast check (shapes unchanged).")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            help="A fast check, shapes unchanged: the spec's [quick] table, then for what it does not set train.steps "
+            "at most 300 (warm-up scaled), sae.steps at most 1000 (resampling schedule scaled) and every [instances] "
+            "and [sweep] axis cut to its first and last value; prints what it shrank."
+        ),
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (overrides the spec).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
     overwrite: Annotated[
@@ -102,7 +115,7 @@ def run_cmd(
     from superposition.runs import check_run
     from superposition.runs import run as run_experiment
 
-    experiment = _load(spec, set_, quick, device)
+    experiment = _load(spec, set_, quick, device, quiet=quiet)
     if experiment.sweep is not None:  # a spec with a [sweep] section runs as a sweep (rerunning resumes it)
         if experiment.sae is not None:
             raise _Fail("sae: a [sweep] spec cannot train SAEs; run 'superposition sae' on each group run")
@@ -165,7 +178,10 @@ def sae_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override an SAE field: sae.field=value or field=value.")
     ] = None,
-    quick: Annotated[bool, typer.Option(help="At most 1000 steps, resampling schedule scaled to match.")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(help="sae.steps at most 1000, resample_every, resample_window and log_every scaled to match."),
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the run's device).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing SAE folders of the same name.")] = False,
@@ -358,7 +374,14 @@ def sweep_cmd(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the sweep in --out (it must exist).")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and stop.")] = False,
-    quick: Annotated[bool, typer.Option(help="Shrink steps and grid for a fast check (shapes unchanged).")] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            help="A fast check, shapes unchanged: the spec's [quick] table, then for what it does not set train.steps "
+            "at most 300 (warm-up scaled), sae.steps at most 1000 (resampling schedule scaled) and every [instances] "
+            "and [sweep] axis cut to its first and last value; prints what it shrank."
+        ),
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
     ] = None,
@@ -366,7 +389,7 @@ def sweep_cmd(
     quiet: Annotated[bool, typer.Option(help="No plan, progress bar or summary.")] = False,
 ) -> None:
     """Run a sweep: points over any fields, equal shapes packed into one model, resumable, local/Ray/SLURM."""
-    experiment = _load(spec, set_, quick, device)
+    experiment = _load(spec, set_, quick, device, quiet=quiet)
     _run_sweep(
         experiment,
         out,

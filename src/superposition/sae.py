@@ -74,6 +74,7 @@ from superposition.spec import (
     apply_overrides,
     format_validation_error,
     load_raw,
+    quick_sae_schedule,
 )
 from superposition.train import AdamState, TrainingDiverged, adam_step_, lr_multiplier, resolve_device
 
@@ -959,14 +960,8 @@ def load_sae_spec(
     sets = [o if o.strip().startswith("sae.") else f"sae.{o.strip()}" for o in overrides]
     raw = apply_overrides({"sae": raw}, sets)["sae"]
     spec = _validate_sae(raw)
-    if quick and spec.steps > 1000:
-        f = 1000 / spec.steps
-        shrink = {
-            "steps": 1000,
-            "resample_every": max(1, round(spec.resample_every * f)) if spec.resample_every else 0,
-            "resample_window": max(1, round(spec.resample_window * f)),
-            "log_every": max(1, round(spec.log_every * f)),
-        }
+    shrink = quick_sae_schedule(spec) if quick else {}  # the one --quick rule for SAEs (also run --quick's)
+    if shrink:
         spec = _validate_sae({**spec.model_dump(mode="json"), **shrink})
     return spec
 

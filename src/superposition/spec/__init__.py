@@ -14,7 +14,7 @@ from superposition.spec.base import (
     set_dotted,
 )
 from superposition.spec.experiment import Experiment, SweepReportSpec, SweepSpec, is_field, parse_spec
-from superposition.spec.load import apply_overrides, load_spec, parse_value
+from superposition.spec.load import apply_overrides, load_quick, load_spec, parse_value
 from superposition.spec.memory import (
     DATASET_DRAW_FACTOR,
     MEMORY_FRACTION,
@@ -23,7 +23,8 @@ from superposition.spec.memory import (
     memory_estimate,
     physical_memory,
 )
-from superposition.spec.presets import load_raw, preset_description, preset_names, preset_text, read_toml
+from superposition.spec.presets import load_raw, preset_description, preset_hint, preset_names, preset_text, read_toml
+from superposition.spec.quick import QUICK_SAE_STEPS, QUICK_TRAIN_STEPS, describe_quick, quick_sae_schedule
 from superposition.spec.sae import SAE_SPARSITY_FIELD, SaeSpec
 from superposition.spec.sections import INSTANCE_AXES, DataSpec, InstancesSpec, ModelSpec, TaskSpec, TrainSpec
 
@@ -40,6 +41,12 @@ __all__ = [
     "Experiment",
     "INSTANCE_AXES",
     "load_spec",
+    "load_quick",
+    "describe_quick",
+    "quick_sae_schedule",
+    "QUICK_TRAIN_STEPS",
+    "QUICK_SAE_STEPS",
+    "preset_hint",
     "parse_spec",
     "apply_overrides",
     "preset_names",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ def preset_names() -> list[str]:
 def preset_text(name: str) -> str:
     """The TOML text of a preset."""
     if name not in preset_names():
-        raise SpecError(f"unknown preset {name!r} (available: {', '.join(preset_names())})")
+        raise SpecError(f"unknown preset {name!r} ({preset_hint(name)})")
     return (resources.files("superposition") / "presets" / f"{name}.toml").read_text(encoding="utf-8")
 
 
@@ -67,4 +68,15 @@ def load_raw(source: str | Path) -> dict[str, Any]:
     name = str(source)
     if name in preset_names():
         return read_toml(preset_text(name), f"preset {name}")
-    raise SpecError(f"{name!r} is neither a spec file nor a preset (presets: {', '.join(preset_names())})")
+    raise SpecError(f"{name!r} is neither a spec file nor a preset ({preset_hint(name)})")
+
+
+def preset_hint(name: str) -> str:
+    """``did you mean 'demo'?`` naming the presets closest to ``name``, or the list of presets if none is close."""
+    names = preset_names()
+    close = difflib.get_close_matches(name, names, n=3)
+    if not close:
+        return f"presets: {', '.join(names)}"
+    quoted = [repr(c) for c in close]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f"did you mean {listed}?"
