@@ -14,7 +14,7 @@ import torch
 
 from superposition.cli import main
 from superposition.models import build_model
-from superposition.runs import Run, load_run, save_run, train
+from superposition.runs import Run, load_run, run_saes, save_run, train
 from superposition.sae import (
     SaeFormatError,
     SparseAutoencoder,
@@ -23,13 +23,12 @@ from superposition.sae import (
     load_sae,
     load_sae_spec,
     resample_dead_,
-    run_sae_sections,
-    run_saes,
     sae_grid,
     score_sae,
     step_function,
     true_directions,
 )
+from superposition.sae_report import run_sae_sections
 from superposition.spec import SaeSpec, SpecError, load_spec, parse_spec
 from superposition.train import AdamState
 

@@ -137,12 +137,15 @@ def run_cmd(
         )
     if experiment.sae is not None:  # a spec with an [sae] section trains its SAEs on the new run next
         _train_saes(result, experiment.sae, overwrite=True, device=device, quiet=quiet)
+    if not quiet and result.verdict:  # the preset's claim, graded (a quick or modified run: "not graded")
+        typer.echo(result.verdict)
 
 
 def _train_saes(run, spec, *, overwrite: bool, device: str | None, quiet: bool) -> None:
     """Train ``spec`` on the run and print each SAE's summary (for the run's own [sae] section with overwrite, what
-    the library's ``superposition.run`` does through :func:`superposition.sae.run_spec_saes`)."""
-    from superposition.sae import check_sae_targets, run_saes, summary_table
+    the library's ``superposition.run`` does through :func:`superposition.runs.run_spec_saes`)."""
+    from superposition.runs import run_saes
+    from superposition.sae import check_sae_targets, summary_table
 
     check_sae_targets(run, spec, overwrite=overwrite)  # every refusal before "training SAEs ..."
     if not quiet:
@@ -223,8 +226,7 @@ def resume_cmd(
 @app.command("report")
 def report_cmd(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder or a sweep folder.")]) -> None:
     """Rebuild a run's (or a sweep's) report.html (atomically) from its saved weights and tables."""
-    from superposition.report import write_report
-    from superposition.runs import load_run
+    from superposition.runs import load_run, write_report
     from superposition.sweep import SWEEP_JSON, write_sweep_report
 
     path = write_sweep_report(run_dir) if (run_dir / SWEEP_JSON).exists() else write_report(load_run(run_dir))
@@ -402,6 +404,44 @@ def sweep_cmd(
         dry_run=dry_run,
         quiet=quiet,
     )
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    presets: Annotated[
+        list[str] | None, typer.Argument(help="Presets to grade (default: every preset with a claim).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the runs: OUT/full/PRESET (OUT/quick/ with --quick).")] = Path(
+        "runs/reproduce"
+    ),
+    collect: Annotated[bool, typer.Option(help="Re-read finished folders in --out instead of training.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="The presets' quick settings: graded, never written to --results.")
+    ] = False,
+    results: Annotated[Path, typer.Option(help="The Markdown file whose results table is rewritten.")] = Path(
+        "docs/RESULTS.md"
+    ),
+    workers: Annotated[int, typer.Option(min=1, help="Parallel workers for presets with a [sweep].")] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: as now).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda (the wall-time column names it).")] = "cpu",
+) -> None:
+    """Re-run presets (or re-read their finished folders), grade each against its source's claim with the preset's
+    rule, and rewrite their rows of the results table (docs/RESULTS.md)."""
+    from superposition.reproduce import reproduce
+
+    rows = reproduce(
+        presets or None,
+        out=out,
+        collect=collect,
+        quick=quick,
+        threads=threads,
+        workers=workers,
+        device=device,
+        results_md=results,
+        progress=lambda message: typer.echo(message, err=True),
+    )
+    for name, row in rows.items():
+        typer.echo(f"{name}: reproduced? {row.verdict}")
 
 
 @app.command("presets")

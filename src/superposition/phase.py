@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from superposition import theory
-from superposition.runs import Run
+from superposition.record import Run
 from superposition.spec import Experiment, SpecError
 
 __all__ = ["PhaseGrid", "phase_grid", "check_phase_spec", "EmpiricalDiagram", "empirical_diagram", "agreement"]

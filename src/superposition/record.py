@@ -82,6 +82,8 @@ class Run:
     instances: pd.DataFrame
     meta: dict[str, Any]
     path: Path | None = None
+    verdict: str | None = None
+    """The line grading the run against its preset's claim (set by :func:`superposition.runs.run`; not saved)."""
 
 
 def _axis_column(values: list[Any]) -> list[Any]:
@@ -154,20 +156,18 @@ def _config_json(spec: Experiment, meta: dict[str, Any]) -> str:
     return json.dumps({**meta, "spec": spec.model_dump(mode="json")}, indent=2)
 
 
-def write_run_files(folder: Path, run: Run, report: bool = True) -> None:
+def write_run_files(folder: Path, run: Run, report_html: str | None = None) -> None:
     """Write every run file atomically; config.json comes last and marks the folder complete.
 
-    ``report=False`` leaves out report.html (5 MB, most of it plotly.js): sweep points do, and
-    ``superposition report`` writes it on demand.
+    ``report_html`` (the page :func:`superposition.report.render_run` makes) is written as report.html; None leaves
+    it out (sweep points do: 5 MB each, most of it plotly.js; ``superposition report`` writes it on demand).
     """
-    from superposition.report import render_run
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in run.model.state_dict().items()}
     atomic_save_tensors(folder / WEIGHTS, tensors, {"format": "superposition-run"})
     for name, frame in ((HISTORY, run.history), (INSTANCES, run.instances)):
         atomic_write_table(folder / name, frame)
-    if report:
-        atomic_write_bytes(folder / REPORT, render_run(run).encode("utf-8"))
+    if report_html is not None:
+        atomic_write_bytes(folder / REPORT, report_html.encode("utf-8"))
     atomic_write_bytes(folder / CONFIG, _config_json(run.spec, run.meta).encode())
 
 

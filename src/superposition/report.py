@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from superposition.spec import SpecError
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from superposition.runs import Run
+    from superposition.record import Run
 
 __all__ = [
     "Section",
@@ -274,13 +275,15 @@ def _motif_table(run: Run) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def run_sections(run: Run) -> list[Section]:
-    """The sections of a run's report (exposed so sweep reports can reuse pieces)."""
+def run_sections(run: Run, extra: Sequence[Section] = (), lead: Sequence[Section] = ()) -> list[Section]:
+    """The sections of a run's report (exposed so sweep reports can reuse pieces): ``lead`` sections first (the
+    verdict against the preset's claim), ``extra`` sections (the run's SAE folders) after the feature table; both
+    are made by the caller (:mod:`superposition.runs`)."""
     from superposition.plots import FIGURES, figures_for_run
 
     spec = run.spec
     about = [p for p in spec.description.split("\n") if p.strip()] or ["(the spec has no description)"]
-    sections = [Section("What to look for", paragraphs=about), Section("Run", tables=[_facts(run)])]
+    sections = [*lead, Section("What to look for", paragraphs=about), Section("Run", tables=[_facts(run)])]
     where = str(run.path) if run.path is not None else "RUN"
     for name, heading, fig in figures_for_run(run):
         what = FIGURES[name][1]
@@ -309,10 +312,7 @@ def run_sections(run: Run) -> list[Section]:
                 tables=[features],
             )
         )
-    if run.path is not None and (Path(run.path) / "sae").is_dir():
-        from superposition.sae import run_sae_sections  # lazy: the run's SAE folders (RUN/sae/*) and their figures
-
-        sections.extend(run_sae_sections(run))
+    sections.extend(extra)  # e.g. the run's SAE folders, made by the caller (report does not read SAE folders)
     motifs = _motif_table(run)
     if motifs is not None:
         sections.append(
@@ -331,19 +331,21 @@ def run_sections(run: Run) -> list[Section]:
     return sections
 
 
-def render_run(run: Run) -> str:
+def render_run(run: Run, extra: Sequence[Section] = (), lead: Sequence[Section] = ()) -> str:
     """The report of a run: what to look for, the run's facts, the figures that fit it, tables and the spec."""
-    return render_page(run.spec.name, run_sections(run))
+    return render_page(run.spec.name, run_sections(run, extra, lead))
 
 
-def write_report(run: Run, path: str | Path | None = None) -> Path:
+def write_report(
+    run: Run, path: str | Path | None = None, extra: Sequence[Section] = (), lead: Sequence[Section] = ()
+) -> Path:
     """(Re)write a run's report atomically (a temporary sibling renamed into place); default ``run.path``."""
     if path is None:
         if run.path is None:
             raise SpecError("write_report: the run has no folder; pass a path")
         path = Path(run.path) / "report.html"
     path = Path(path)
-    return atomic_write_bytes(path, render_run(run).encode("utf-8"))
+    return atomic_write_bytes(path, render_run(run, extra, lead).encode("utf-8"))
 
 
 # -- static export ----------------------------------------------------------------------------------------------------

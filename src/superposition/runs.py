@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from superposition.claims import claim_line
 from superposition.folder import RUN, RUN_WORK, check_target, fresh_workdir, publish, remove_owned, work_dir
 from superposition.record import (
     CHECKPOINT,
@@ -29,7 +32,11 @@ from superposition.record import (
     spec_text,
     write_run_files,
 )
-from superposition.spec import Experiment, SpecError, check_memory
+from superposition.report import Section, render_page, render_run
+from superposition.report import write_report as write_page
+from superposition.sae import Sae, check_sae_targets, save_sae, train_sae
+from superposition.sae_report import run_sae_sections, sae_sections
+from superposition.spec import Experiment, SaeSpec, SpecError, check_memory
 from superposition.train import TrainingDiverged, TrainState, resolve_device, train_model
 
 __all__ = [
@@ -44,6 +51,13 @@ __all__ = [
     "check_run",
     "interrupted_step",
     "read_safetensors_header",
+    "report_sections",
+    "verdict",
+    "render",
+    "write_report",
+    "sae_page",
+    "run_saes",
+    "run_spec_saes",
 ]
 
 
@@ -60,7 +74,7 @@ def save_run(run: Run, out: str | Path, *, overwrite: bool = False) -> Path:
     check_target(out, RUN, RUN_WORK, overwrite=overwrite)
     partial = work_dir(out)
     fresh_workdir(partial, SPEC_MARKER, spec_text(run.spec).encode(), (RUN_WORK,))
-    write_run_files(partial, run)
+    write_run_files(partial, run, render(run, verdict(run)))
     publish(partial, out, RUN, overwrite=overwrite)
     run.path = out
     return out
@@ -109,14 +123,12 @@ def run(
 
     ``report=False`` writes the run without report.html (sweep points; ``superposition report`` adds it later).
     A spec with an ``[sae]`` section then trains its SAEs on the saved run, unless ``saes=False``
-    (:func:`superposition.sae.run_spec_saes`: ``out/sae/<name>/`` and a refreshed report.html).
+    (:func:`run_spec_saes`: ``out/sae/<name>/`` and a refreshed, graded report.html).
 
     Without ``resume`` an interrupted run of ``out`` (a ``.NAME.partial`` with a checkpoint) is kept and the call
     refused, unless ``overwrite`` asks to start over. A run that diverges (on_divergence = "stop") leaves nothing.
     Only this tool's own folders are ever replaced or deleted (:func:`check_run` refuses anything else up front).
     """
-    from superposition.sae import run_spec_saes  # sae imports this module at call time only
-
     out = Path(out)
     step = check_run(spec, out, overwrite=overwrite, resume=resume)
     partial = work_dir(out)
@@ -139,7 +151,9 @@ def run(
         remove_owned(partial, (RUN_WORK,))  # resuming would diverge again at the same step
         raise
     result = finish(state, trained.seconds)
-    write_run_files(partial, result, report)
+    # An SAE preset is graded once its SAEs are trained (run_saes rewrites the report with the verdict).
+    result.verdict = None if spec.sae is not None else verdict(result)
+    write_run_files(partial, result, render(result, result.verdict) if report else None)
     publish(partial, out, RUN, overwrite=overwrite)
     result.path = out
     if saes:
@@ -147,3 +161,64 @@ def run(
     return result
 
 
+def report_sections(run: Run) -> list[Section]:
+    """The sections a run's report adds to its own: one per SAE folder under RUN/sae/ (none without a folder)."""
+    if run.path is None or not (Path(run.path) / "sae").is_dir():
+        return []
+    return run_sae_sections(run)
+
+
+def verdict(run: Run) -> str | None:
+    """The line grading a run against its preset's claim (:func:`superposition.claims.claim_line`): the verdict of a
+    full preset, "not graded (quick/modified)" otherwise; None for a preset without a claim (e.g. demo)."""
+    try:
+        return claim_line(run.spec.name, run.spec, run)
+    except SpecError as exc:
+        return f"reproduced? could not be graded ({exc})"
+
+
+def render(run: Run, line: str | None = None) -> str:
+    """The run's report page: the verdict ``line`` at the top (if any), the run's own sections, its SAE folders."""
+    lead = [Section("Reproduced?", paragraphs=[line])] if line else []
+    return render_run(run, report_sections(run), lead)
+
+
+def write_report(run: Run, path: str | Path | None = None) -> Path:
+    """(Re)write a run's report.html atomically, graded and with its SAE folders' sections; default ``run.path``."""
+    run.verdict = verdict(run)
+    lead = [Section("Reproduced?", paragraphs=[run.verdict])] if run.verdict else []
+    return write_page(run, path, report_sections(run), lead)
+
+
+# -- SAEs on a run ---------------------------------------------------------------------------------------------------
+def sae_page(sae: Sae, run: Run | None = None) -> str:
+    """An SAE folder's own report page (its scores and figures against the run's true features)."""
+    return render_page(f"{sae.meta.get('run_name', '')} / sae {sae.name}", sae_sections(sae, run))
+
+
+def run_saes(
+    run: Run,
+    spec: SaeSpec,
+    *,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[Sae]:
+    """Train the SAEs of every architecture on a saved run, write RUN/sae/<name>/ and refresh RUN/report.html
+    (graded, with every SAE folder's sections). Every target is checked before the first SAE trains."""
+    targets = check_sae_targets(run, spec, overwrite=overwrite)
+    results = []
+    for arch, target in zip(spec.architectures, targets, strict=True):
+        sae = train_sae(run, spec, arch, device=device, progress=progress)
+        save_sae(sae, target, overwrite=overwrite, report_html=sae_page(sae, run))
+        results.append(sae)
+    write_report(run)
+    return results
+
+
+def run_spec_saes(run: Run, *, device: str | torch.device | None = None, progress: bool = False) -> list[Sae]:
+    """Train a just-saved run's own ``[sae]`` section (none: nothing), replacing SAE folders of the same name: what
+    :func:`run` and ``superposition run`` do after the model."""
+    if run.spec.sae is None:
+        return []
+    return run_saes(run, run.spec.sae, overwrite=True, device=device, progress=progress)

@@ -55,7 +55,7 @@ from superposition.plots.sae import sae_cosine_heatmap, sae_dead_latents, sae_di
 from superposition.plots.training import loss_curves, training_geometry
 
 if TYPE_CHECKING:
-    from superposition.runs import Run
+    from superposition.record import Run
     from superposition.spec import Experiment
 
 __all__ = [

@@ -11,8 +11,7 @@ The package by idea (each module imports only those above it in this list)::
     fit.py       fit_sae (the training loop) and resample_dead_
     score.py     true_directions, score_sae and summary_table
     folder.py    the SAE folder: file names, the Sae record, load_sae, check_sae_targets, SaeFormatError
-    sections.py  the report sections of one SAE folder and of every SAE folder of a run
-    jobs.py      train_sae, train_saes, save_sae, run_saes, run_spec_saes
+    jobs.py      train_sae, train_saes, save_sae (the RUN/sae/ job is superposition.runs.run_saes)
     spec.py      load_sae_spec (a file or base spec, --set overrides, --quick)
 """
 
@@ -34,7 +33,7 @@ from superposition.sae.folder import (
     check_sae_targets,
     load_sae,
 )
-from superposition.sae.jobs import run_saes, run_spec_saes, save_sae, train_sae, train_saes
+from superposition.sae.jobs import save_sae, train_sae, train_saes
 from superposition.sae.model import (
     SaeLoss,
     SaeOutput,
@@ -53,7 +52,6 @@ from superposition.sae.score import (
     summary_table,
     true_directions,
 )
-from superposition.sae.sections import run_sae_sections, sae_sections
 from superposition.sae.spec import load_sae_spec
 
 __all__ = [
@@ -75,12 +73,8 @@ __all__ = [
     "train_saes",
     "save_sae",
     "load_sae",
-    "run_saes",
     "check_sae_targets",
-    "run_spec_saes",
     "load_sae_spec",
-    "sae_sections",
-    "run_sae_sections",
     "SaeFormatError",
     "summary_table",
     "SUMMARY_COLUMNS",

@@ -1,5 +1,5 @@
-"""SAE jobs on a run: train (in memory), write an SAE folder with its page, and the RUN/sae/ job that trains and
-writes every architecture of a spec and refreshes the run's report."""
+"""SAEs on a run: train them in memory (every architecture of a spec) and write an SAE folder. The job that trains a
+run's SAEs into RUN/sae/ and refreshes its report is :func:`superposition.runs.run_saes`."""
 
 from __future__ import annotations
 
@@ -33,18 +33,16 @@ from superposition.sae.folder import (
     SCORES,
     WEIGHTS,
     Sae,
-    check_sae_targets,
 )
 from superposition.sae.model import SparseAutoencoder
 from superposition.sae.score import score_sae
-from superposition.sae.sections import sae_sections
 from superposition.spec import SaeSpec
 from superposition.train import resolve_device
 
 if TYPE_CHECKING:
     from superposition.record import Run
 
-__all__ = ["train_sae", "train_saes", "save_sae", "run_saes", "run_spec_saes"]
+__all__ = ["train_sae", "train_saes", "save_sae"]
 
 
 def train_sae(
@@ -90,12 +88,11 @@ def train_saes(
     return [train_sae(run, spec, a, device=device, progress=progress) for a in spec.architectures]
 
 
-def save_sae(sae: Sae, out: str | Path, *, overwrite: bool = False, run: Run | None = None) -> Path:
+def save_sae(sae: Sae, out: str | Path, *, overwrite: bool = False, report_html: str | None = None) -> Path:
     """Write an SAE folder atomically: built in a hidden sibling (config.json last), then renamed into place.
 
-    Only an SAE folder of this tool is replaced (with ``overwrite``); anything else at ``out`` is refused."""
-    from superposition.report import render_page
-
+    ``report_html`` (the page :func:`superposition.runs.sae_page` makes) is written as report.html; None leaves it
+    out. Only an SAE folder of this tool is replaced (with ``overwrite``); anything else at ``out`` is refused."""
     out = Path(out)
     check_target(out, SAE_KIND, SAE_WORK, overwrite=overwrite)
     partial = work_dir(out)
@@ -111,39 +108,10 @@ def save_sae(sae: Sae, out: str | Path, *, overwrite: bool = False, run: Run | N
         (RESAMPLES, sae.resamples),
     ):
         atomic_write_table(partial / name, frame)
-    page = render_page(f"{sae.meta.get('run_name', '')} / sae {sae.name}", sae_sections(sae, run))
-    atomic_write_bytes(partial / REPORT, page.encode("utf-8"))
+    if report_html is not None:
+        atomic_write_bytes(partial / REPORT, report_html.encode("utf-8"))
     config = {**sae.meta, "sae": sae.spec.model_dump(mode="json")}
     atomic_write_bytes(partial / CONFIG, json.dumps(config, indent=2).encode())
     publish(partial, out, SAE_KIND, overwrite=overwrite)
     sae.path = out
     return out
-
-
-def run_saes(
-    run: Run,
-    spec: SaeSpec,
-    *,
-    overwrite: bool = False,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> list[Sae]:
-    """Train the SAEs of every architecture on a saved run, write RUN/sae/<name>/ and refresh RUN/report.html."""
-    from superposition.report import write_report
-
-    targets = check_sae_targets(run, spec, overwrite=overwrite)
-    results = []
-    for arch, target in zip(spec.architectures, targets, strict=True):
-        sae = train_sae(run, spec, arch, device=device, progress=progress)
-        save_sae(sae, target, overwrite=overwrite, run=run)
-        results.append(sae)
-    write_report(run)
-    return results
-
-
-def run_spec_saes(run: Run, *, device: str | torch.device | None = None, progress: bool = False) -> list[Sae]:
-    """Train a just-saved run's own ``[sae]`` section (none: nothing), replacing SAE folders of the same name: what
-    :func:`superposition.runs.run` and ``superposition run`` do after the model."""
-    if run.spec.sae is None:
-        return []
-    return run_saes(run, run.spec.sae, overwrite=True, device=device, progress=progress)

@@ -1,6 +1,6 @@
 """The report sections of SAE folders: one SAE folder's scores and figures, and every folder of a run with a
-Pareto figure over all of them. Figures come from :mod:`superposition.plots` and sections from
-:mod:`superposition.report`, both imported at call time."""
+Pareto figure over all of them. It sits above ``sae`` (which it reads), ``plots`` (which draws) and ``report``
+(whose sections it fills), so that none of those imports another upwards."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from superposition.sae.folder import Sae, load_sae
-from superposition.sae.score import summary_table, true_directions
+from superposition import plots
+from superposition.report import Section
+from superposition.sae import Sae, load_sae, summary_table, true_directions
 from superposition.spec import SAE_SPARSITY_FIELD, SpecError
 
 if TYPE_CHECKING:
     from superposition.record import Run
-    from superposition.report import Section
 
 __all__ = ["sae_sections", "run_sae_sections"]
 
@@ -37,8 +37,6 @@ def _short_labels(sae: Sae) -> list[str]:
 
 def sae_sections(sae: Sae, run: Run | None = None) -> list[Section]:
     """The report sections of one SAE folder: scores, directions over the true features, cosines, dead latents."""
-    from superposition import plots
-    from superposition.report import Section
 
     s = sae.spec
     field = SAE_SPARSITY_FIELD[sae.architecture]
@@ -116,7 +114,6 @@ def sae_sections(sae: Sae, run: Run | None = None) -> list[Section]:
 
 
 def _pareto(scores: pd.DataFrame) -> Any:
-    from superposition import plots
 
     summary = summary_table(scores)
     summary["curve"] = summary["architecture"]
@@ -138,7 +135,6 @@ def _pareto(scores: pd.DataFrame) -> Any:
 
 def run_sae_sections(run: Run) -> list[Section]:
     """Sections for every SAE folder under RUN/sae/ (what the run's report shows), with a Pareto figure over all."""
-    from superposition.report import Section
 
     if run.path is None:
         return []
