@@ -162,3 +162,28 @@ def test_format_bytes_is_binary():
 def test_sae_kind_is_not_a_run(tmp_path):
     sae = _sae_folder(tmp_path / "s")
     assert foreign_entry(sae, (SAE,)) is None and foreign_entry(sae, (RUN,)) is not None
+
+
+# -- folders written before the layered package still load and render --------------------------------------------------
+OLD = Path(__file__).parent / "fixtures" / "main-5bcae65"
+
+
+def test_folders_of_the_previous_layout_load_and_render(tmp_path):
+    import shutil
+
+    import superposition as sp
+    from superposition.runs import write_report
+    from superposition.sweep import write_sweep_report
+
+    for name in ("run", "sweep"):
+        shutil.copytree(OLD / name, tmp_path / name)
+    run = sp.load_run(tmp_path / "run")
+    assert run.spec.name == "tiny" and run.spec.n_instances == 2 and len(run.instances) == 2
+    sae = sp.load_sae(tmp_path / "run" / "sae" / "relu")
+    assert sae.architecture == "relu" and len(sae.scores) > 0
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "SAE relu" in page or "sae relu" in page.lower()
+    sweep = sp.load_sweep(tmp_path / "sweep")
+    assert sorted(sweep.results["status"].unique()) == ["ok"] and len(sweep.runs) == 2
+    assert write_sweep_report(tmp_path / "sweep").stat().st_size > 1_000_000  # plotly.js embedded
+    assert foreign_entry(tmp_path / "run", (RUN,)) is None and foreign_entry(tmp_path / "sweep", (SWEEP,)) is None
