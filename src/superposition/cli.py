@@ -35,6 +35,14 @@ app = typer.Typer(
 )
 
 
+QUICK_HELP = (
+    "A fast check, shapes unchanged: the spec's [quick] table, then for what it does not set train.steps at most 300 "
+    "(warm-up scaled), sae.steps at most 1000 (resampling schedule scaled) and every [instances] and [sweep] axis cut "
+    "to its first and last value; prints what it shrank."
+)
+"""What --quick means, for every command that takes a spec (superposition.spec.quick)."""
+
+
 class _Fail(Exception):
     """Raised inside commands to end with one line on stderr and an exit code."""
 
@@ -94,14 +102,7 @@ def run_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
     ] = None,
-    quick: Annotated[
-        bool,
-        typer.Option(
-            help="A fast check, shapes unchanged: the spec's [quick] table, then for what it does not set train.steps "
-            "at most 300 (warm-up scaled), sae.steps at most 1000 (resampling schedule scaled) and every [instances] "
-            "and [sweep] axis cut to its first and last value; prints what it shrank."
-        ),
-    ] = False,
+    quick: Annotated[bool, typer.Option(help=QUICK_HELP)] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (overrides the spec).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
     overwrite: Annotated[
@@ -376,14 +377,7 @@ def sweep_cmd(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the sweep in --out (it must exist).")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and stop.")] = False,
-    quick: Annotated[
-        bool,
-        typer.Option(
-            help="A fast check, shapes unchanged: the spec's [quick] table, then for what it does not set train.steps "
-            "at most 300 (warm-up scaled), sae.steps at most 1000 (resampling schedule scaled) and every [instances] "
-            "and [sweep] axis cut to its first and last value; prints what it shrank."
-        ),
-    ] = False,
+    quick: Annotated[bool, typer.Option(help=QUICK_HELP)] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
     ] = None,

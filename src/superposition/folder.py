@@ -297,19 +297,22 @@ def _run_marker(name: str, value: Any) -> bool:
     return _has_version(name, value) and isinstance(value.get("spec"), dict)
 
 
-RUN_FILES = frozenset({"config.json", "model.safetensors", "history.parquet", "instances.parquet", "report.html"})
-SAE_FILES = frozenset(
-    {
-        "config.json",
-        "model.safetensors",
-        "scores.parquet",
-        "features.parquet",
-        "latents.parquet",
-        "history.parquet",
-        "resamples.parquet",
-        "report.html",
-    }
+RUN_FILE_NAMES = ("config.json", "model.safetensors", "history.parquet", "instances.parquet", "report.html")
+"""A run folder's files (record names them CONFIG, WEIGHTS, HISTORY, INSTANCES, REPORT)."""
+SAE_FILE_NAMES = (
+    "config.json",
+    "model.safetensors",
+    "scores.parquet",
+    "features.parquet",
+    "latents.parquet",
+    "history.parquet",
+    "resamples.parquet",
+    "report.html",
 )
+"""An SAE folder's files (sae.folder names them CONFIG, WEIGHTS, SCORES, FEATURES, LATENTS, HISTORY, RESAMPLES,
+REPORT)."""
+RUN_FILES = frozenset(RUN_FILE_NAMES)
+SAE_FILES = frozenset(SAE_FILE_NAMES)
 SAE_FORMAT = "superposition-sae"
 SWEEP_FORMAT = "superposition-sweep"
 

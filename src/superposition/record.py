@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from superposition.folder import (
     MAX_CONFIG_BYTES,
     MAX_TABLE_BYTES,
+    RUN_FILE_NAMES,
     SAE_FORMAT,
     RunFormatError,
     atomic_save_tensors,
@@ -61,13 +62,7 @@ __all__ = [
     "read_safetensors_header",
 ]
 
-CONFIG, WEIGHTS, HISTORY, INSTANCES, REPORT = (
-    "config.json",
-    "model.safetensors",
-    "history.parquet",
-    "instances.parquet",
-    "report.html",
-)
+CONFIG, WEIGHTS, HISTORY, INSTANCES, REPORT = RUN_FILE_NAMES
 CHECKPOINT = "checkpoint.safetensors"
 SPEC_MARKER = "spec.json"  # in .NAME.partial: the spec being trained (what resume continues)
 

@@ -4,19 +4,16 @@ seed 001 (tied vs untied), seed 002 (hierarchy) and seed 004 (compressed computa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from superposition import metrics
 from superposition.claims.common import Row, SweepResult, group_runs, probs, seq
-from superposition.errors import SpecError
 from superposition.models import transplant
 from superposition.record import Run
 from superposition.theory import tmcc_naive_loss
+from superposition.thresholds import threshold_table
 from superposition.train import TrainState, evaluate
 
 __all__ = [
@@ -230,44 +227,3 @@ def hierarchy(result: SweepResult) -> Row:
         + f"{'yes' if tree_ok and flat_ok else 'partly' if tree_ok or flat_ok else 'no'} (hierarchical reaches 1e-5 "
         "with d_hidden < n_features at every depth ≥ 2; independent never below d_hidden = n_features)",
     )
-
-
-# -- the sweep's threshold table, read here without importing the sweep module (the claims sit below it) -----------
-def threshold_table(
-    results: pd.DataFrame,
-    x: str,
-    y: str,
-    metric: str = "loss_min",
-    threshold: float = 1e-5,
-    *,
-    by: str | None = None,
-) -> pd.DataFrame:
-    """For each value of ``y``, the smallest ``x`` whose metric (min over other axes) is below ``threshold``.
-
-    One column per value of ``by`` (or one column, ``metric``); NaN where no tested ``x`` reaches the threshold.
-    The same table as ``superposition.sweep.threshold_table`` (tests/test_claims.py checks that they agree).
-    """
-    keys = [k for k in (by, y, x) if k is not None]
-    ok = _ok(results, metric)
-    cells = ok.groupby(keys, sort=True)[metric].agg("min").reset_index()
-    below = cells[cells[metric] < threshold]
-    ys = sorted(ok[y].unique())
-    columns = sorted(ok[by].unique(), key=_order(results, by)) if by is not None else [None]
-    table: dict[str, list[Any]] = {y: ys}
-    for col in columns:
-        part = below if col is None else below[below[by] == col]
-        best = part.groupby(y)[x].min()
-        table[metric if col is None else str(col)] = [best.get(v, math.nan) for v in ys]
-    return pd.DataFrame(table)
-
-
-def _ok(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    if metric not in results.columns:
-        raise SpecError(f"sweep.report.metric: no column {metric!r} in the results")
-    return results[(results["status"] == "ok") & np.isfinite(results[metric].astype(float))]
-
-
-def _order(results: pd.DataFrame, column: str | None) -> Callable[[Any], int]:
-    """Sort key: a column's values in their order of first appearance in the table (the sweep's order)."""
-    first = {} if column is None else {v: i for i, v in reversed(list(enumerate(results[column])))}
-    return lambda v: first.get(v, len(first))

@@ -19,15 +19,7 @@ from __future__ import annotations
 
 from superposition.sae.fit import Fitted, fit_sae, resample_dead_
 from superposition.sae.folder import (
-    CONFIG,
-    FEATURES,
     FORMAT,
-    HISTORY,
-    LATENTS,
-    REPORT,
-    RESAMPLES,
-    SCORES,
-    WEIGHTS,
     Sae,
     SaeFormatError,
     check_sae_targets,
@@ -81,12 +73,4 @@ __all__ = [
     "Fitted",
     "EVAL_ELEMENTS",
     "FORMAT",
-    "CONFIG",
-    "WEIGHTS",
-    "SCORES",
-    "FEATURES",
-    "LATENTS",
-    "HISTORY",
-    "RESAMPLES",
-    "REPORT",
 ]

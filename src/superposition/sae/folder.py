@@ -14,6 +14,7 @@ import torch
 from superposition.folder import (
     MAX_CONFIG_BYTES,
     MAX_TABLE_BYTES,
+    SAE_FILE_NAMES,
     SAE_FORMAT,
     SAE_WORK,
     RunFormatError,
@@ -48,16 +49,7 @@ __all__ = [
 ]
 
 
-CONFIG, WEIGHTS, SCORES, FEATURES, LATENTS, HISTORY, RESAMPLES, REPORT = (
-    "config.json",
-    "model.safetensors",
-    "scores.parquet",
-    "features.parquet",
-    "latents.parquet",
-    "history.parquet",
-    "resamples.parquet",
-    "report.html",
-)
+CONFIG, WEIGHTS, SCORES, FEATURES, LATENTS, HISTORY, RESAMPLES, REPORT = SAE_FILE_NAMES
 FORMAT = SAE_FORMAT
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -13,9 +12,10 @@ import numpy as np
 import pandas as pd
 
 from superposition.folder import atomic_write_bytes
-from superposition.spec import Experiment, SpecError, SweepSpec
+from superposition.spec import Experiment, SweepSpec
 from superposition.sweep.folder import REPORT, RUNS, load_sweep
 from superposition.sweep.plan import PACKABLE_KINDS, Plan, describe_plan
+from superposition.thresholds import ok_rows, threshold_display, threshold_table
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -44,14 +44,8 @@ def report_axes(spec: Experiment) -> tuple[str | None, str | None, str | None]:
     return x, y, by
 
 
-def _ok(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    if metric not in results.columns:
-        raise SpecError(f"sweep.report.metric: no column {metric!r} in the results")
-    return results[(results["status"] == "ok") & np.isfinite(results[metric].astype(float))]
-
-
 def _aggregate(results: pd.DataFrame, keys: list[str], metric: str, agg: str) -> pd.DataFrame:
-    df = _ok(results, metric)
+    df = ok_rows(results, metric)
     return df.groupby(keys, sort=True)[metric].agg(agg).reset_index()
 
 
@@ -125,51 +119,6 @@ def lines_figure(
         height=420,
     )
     return fig
-
-
-def threshold_table(
-    results: pd.DataFrame,
-    x: str,
-    y: str,
-    metric: str = "loss_min",
-    threshold: float = 1e-5,
-    *,
-    by: str | None = None,
-) -> pd.DataFrame:
-    """For each value of ``y``, the smallest ``x`` whose metric (min over other axes) is below ``threshold``.
-
-    One column per value of ``by`` (or one column, ``metric``); NaN where no tested ``x`` reaches the threshold.
-    """
-    keys = [k for k in (by, y, x) if k is not None]
-    cells = _aggregate(results, keys, metric, "min")
-    below = cells[cells[metric] < threshold]
-    ys = sorted(_ok(results, metric)[y].unique())
-    columns = sorted(_ok(results, metric)[by].unique(), key=_order(results, by)) if by is not None else [None]
-    table: dict[str, list[Any]] = {y: ys}
-    for col in columns:
-        part = below if col is None else below[below[by] == col]
-        best = part.groupby(y)[x].min()
-        table[metric if col is None else str(col)] = [best.get(v, math.nan) for v in ys]
-    return pd.DataFrame(table)
-
-
-def _order(results: pd.DataFrame, column: str | None) -> Callable[[Any], int]:
-    """Sort key: a column's values in their order of first appearance in the table (the sweep's order)."""
-    first = {} if column is None else {v: i for i, v in reversed(list(enumerate(results[column])))}
-    return lambda v: first.get(v, len(first))
-
-
-def threshold_display(table: pd.DataFrame, results: pd.DataFrame, x: str, y: str, by: str | None) -> pd.DataFrame:
-    """A threshold table for people: whole numbers, and 'none <= X' (the largest x tested) where none reached it."""
-    shown = table.copy()
-    for col in shown.columns[1:]:
-        part = results if by is None else results[results[by].astype(str) == col]
-        tested = part[part["status"] == "ok"].groupby(y)[x].max()
-        shown[col] = [
-            (f"{int(v)}" if float(v).is_integer() else f"{v}") if not math.isnan(v) else f"none <= {tested.get(yv)}"
-            for yv, v in zip(shown[y], shown[col], strict=True)
-        ]
-    return shown
 
 
 # -- training points and features of fixed training sets (double descent) ------------------------------------------
@@ -386,7 +335,7 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str |
             ],
         ),
     ]
-    ok = _ok(results, r.metric) if r.metric in results.columns else results.iloc[:0]
+    ok = ok_rows(results, r.metric) if r.metric in results.columns else results.iloc[:0]
     panels = [None] if by is None else list(dict.fromkeys(results[by]))
     if x and y and len(ok):
         if r.threshold is not None:
@@ -401,7 +350,7 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str |
         figures = []
         for value in panels:
             part = results if value is None else results[results[by] == value]
-            if len(_ok(part, r.metric)):
+            if len(ok_rows(part, r.metric)):
                 suffix = "" if value is None else f" ({by}={value})"
                 figures.append(
                     heatmap_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} by {y} and {x}{suffix}")
@@ -410,7 +359,7 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str |
         lines = []
         for value in panels:
             part = results if value is None else results[results[by] == value]
-            if len(_ok(part, r.metric)):
+            if len(ok_rows(part, r.metric)):
                 suffix = "" if value is None else f" ({by}={value})"
                 lines.append(lines_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} against {x}{suffix}"))
         sections.append(Section("Lines", figures=lines))
