@@ -167,3 +167,34 @@ def test_bfloat16_keeps_float32_master_weights_and_learns_the_same(engine):
     assert w16.dtype == torch.float32 and runs["bfloat16"].model.b_final.dtype == torch.float32
     assert (w16 - w32).abs().max() < 0.01  # measured 0.0027 (eager), 0.0011 (fast)
     assert (runs["bfloat16"].instances["n_represented"] == runs["float32"].instances["n_represented"]).all()
+
+
+def test_progress_is_a_bar_passed_in_and_the_library_prints_nothing(tmp_path, capfd):
+    from superposition.progress import make_bar
+    from superposition.runs import run
+    from superposition.spec import parse_spec
+
+    made = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            self.kwargs, self.steps, self.postfix, self.closed = kwargs, 0, [], False
+            made.append(self)
+
+        def update(self, n=1):
+            self.steps += n
+
+        def set_postfix_str(self, s="", refresh=True):
+            self.postfix.append(s)
+
+        def close(self):
+            self.closed = True
+
+    spec = parse_spec({"model": {"n_features": 4, "d_hidden": 2}, "train": {"steps": 30, "log_every": 10}})
+    run(spec, tmp_path / "r", progress=Recorder)
+    (bar,) = made
+    assert bar.kwargs["total"] == 30 and bar.steps == 30 and bar.closed
+    assert bar.postfix and all(p.startswith("loss=") for p in bar.postfix)
+    run(spec, tmp_path / "quiet")  # no bar asked for: nothing on stdout or stderr
+    assert capfd.readouterr() == ("", "")
+    assert make_bar(None, total=3) is None and make_bar(False, total=3) is None

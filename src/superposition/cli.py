@@ -124,7 +124,7 @@ def run_cmd(
         return
     target = out if out is not None else _default_folder(experiment.name)
     check_run(experiment, target, overwrite=overwrite, resume=resume)  # every refusal before "training ..."
-    progress = not quiet and sys.stderr.isatty()
+    progress = _bars(quiet)
     if not quiet:
         typer.echo(f"training {experiment.name}: {experiment.n_instances} instance(s), {experiment.train.steps} steps")
     # The SAEs train below, after the model's summary is printed (saes=False), as run_experiment would train them.
@@ -151,7 +151,7 @@ def _train_saes(run, spec, *, overwrite: bool, device: str | None, quiet: bool) 
     check_sae_targets(run, spec, overwrite=overwrite)  # every refusal before "training SAEs ..."
     if not quiet:
         typer.echo(f"training SAEs ({', '.join(spec.architectures)}) on {run.path}")
-    progress = not quiet and sys.stderr.isatty()
+    progress = _bars(quiet)
     try:
         saes = run_saes(run, spec, overwrite=overwrite, device=device, progress=progress)
     except KeyboardInterrupt:
@@ -217,7 +217,7 @@ def resume_cmd(
     check_run(experiment, run_dir, overwrite=overwrite, resume=True)
     with _interruptible(run_dir, experiment):
         result = run_experiment(
-            experiment, run_dir, resume=True, overwrite=overwrite, progress=not quiet and sys.stderr.isatty()
+            experiment, run_dir, resume=True, overwrite=overwrite, progress=_bars(quiet)
         )
     if not quiet:
         typer.echo(_summary(result))
@@ -332,7 +332,7 @@ def _run_sweep(
             threads=threads,
             address=address,
             slurm=options,
-            progress=not quiet and sys.stderr.isatty(),
+            progress=_bars(quiet),
         )
     except KeyboardInterrupt:
         done = sum((target / sw.RUNS / g.id / "config.json").is_file() for g in plan.groups)
@@ -533,6 +533,18 @@ def _interruptible(target: Path, experiment):
         else:
             kept = "nothing kept (no train.checkpoint_every; --set train.checkpoint_every=N makes a run resumable)"
         raise _Fail(f"interrupted; {kept}", 130) from None
+
+
+def _terminal_bar(*, total: int, initial: int = 0, desc: str = "", unit: str = "it"):
+    """The CLI's progress bar on stderr (the library draws none of its own: superposition.progress)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _bars(quiet: bool):
+    """The bar factory the commands pass to the library: a terminal bar on a terminal, none otherwise."""
+    return _terminal_bar if not quiet and sys.stderr.isatty() else None
 
 
 def _default_folder(name: str) -> Path:

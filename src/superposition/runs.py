@@ -11,6 +11,7 @@ import torch
 
 from superposition.claims import claim_line
 from superposition.folder import RUN, RUN_WORK, check_target, fresh_workdir, publish, remove_owned, work_dir
+from superposition.progress import Progress
 from superposition.record import (
     CHECKPOINT,
     CONFIG,
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 
-def train(spec: Experiment, *, progress: bool = False) -> Run:
+def train(spec: Experiment, *, progress: Progress = None) -> Run:
     """Train an experiment in memory and return the Run (nothing is written)."""
     check_memory(spec)
     state = TrainState.create(spec)
@@ -115,7 +116,7 @@ def run(
     *,
     overwrite: bool = False,
     resume: bool = False,
-    progress: bool = False,
+    progress: Progress = None,
     report: bool = True,
     saes: bool = True,
 ) -> Run:
@@ -202,7 +203,7 @@ def run_saes(
     *,
     overwrite: bool = False,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: Progress = None,
 ) -> list[Sae]:
     """Train the SAEs of every architecture on a saved run, write RUN/sae/<name>/ and refresh RUN/report.html
     (graded, with every SAE folder's sections). Every target is checked before the first SAE trains."""
@@ -216,7 +217,7 @@ def run_saes(
     return results
 
 
-def run_spec_saes(run: Run, *, device: str | torch.device | None = None, progress: bool = False) -> list[Sae]:
+def run_spec_saes(run: Run, *, device: str | torch.device | None = None, progress: Progress = None) -> list[Sae]:
     """Train a just-saved run's own ``[sae]`` section (none: nothing), replacing SAE folders of the same name: what
     :func:`run` and ``superposition run`` do after the model."""
     if run.spec.sae is None:

@@ -24,6 +24,7 @@ from superposition.data import Sampler, importance_tensor, make_sampler, target_
 from superposition.errors import TrainingDiverged
 from superposition.fast import FastStepper, adam_update_, choose_engine, compiled_threads, stream_keys
 from superposition.models import ToyModel, build_model
+from superposition.progress import Progress, make_bar
 from superposition.spec import Experiment
 
 __all__ = [
@@ -317,17 +318,14 @@ def _check_finite(state: TrainState, loss: Tensor, step: int) -> None:
 def train_model(
     state: TrainState,
     *,
-    progress: bool = False,
+    progress: Progress = None,
     checkpoint: Callable[[TrainState], None] | None = None,
 ) -> Trained:
-    """Run the loop from ``state.step`` to ``spec.train.steps``; ``checkpoint(state)`` is called on schedule."""
+    """Run the loop from ``state.step`` to ``spec.train.steps``; ``checkpoint(state)`` is called on schedule and
+    ``progress`` (a bar factory, :mod:`superposition.progress`) shows steps and loss."""
     spec = state.spec
     t = spec.train
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.steps, initial=state.step, desc=f"{spec.name} [{state.engine}]", unit="step", leave=False)
+    bar = make_bar(progress, total=t.steps, initial=state.step, desc=f"{spec.name} [{state.engine}]", unit="step")
     # Small eager steps run on one CPU thread: torch's parallel regions cost more than they save there, and on a busy
     # machine far more (7 x 20 x 5, batch 1024, under load: 13 ms/step on 1 thread, 170-330 ms on 2).
     previous_threads = torch.get_num_threads()
@@ -356,7 +354,8 @@ def _loop(state: TrainState, bar: Any, checkpoint: Callable[[TrainState], None] 
             _check_finite(state, loss, step)
             state.history.append((step, loss.float().cpu().numpy()))
             if bar is not None:
-                bar.set_postfix(loss=f"{float(loss[state.alive].mean()) if state.alive.any() else float('nan'):.3g}")
+                mean = float(loss[state.alive].mean()) if state.alive.any() else float("nan")
+                bar.set_postfix_str(f"loss={mean:.3g}")
         if bar is not None:
             bar.update(1)
         if checkpoint is not None and t.checkpoint_every and state.step % t.checkpoint_every == 0 and not last:

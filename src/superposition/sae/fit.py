@@ -14,6 +14,7 @@ from torch import Tensor
 
 from superposition.data import make_sampler
 from superposition.models import ToyModel
+from superposition.progress import Progress, make_bar
 from superposition.sae.model import SparseAutoencoder, batch_last
 from superposition.spec import Experiment, SaeSpec
 from superposition.train import AdamState, TrainingDiverged, adam_step_, lr_multiplier
@@ -127,7 +128,7 @@ def fit_sae(
     run_spec: Experiment,
     spec: SaeSpec,
     *,
-    progress: bool = False,
+    progress: Progress = None,
 ) -> Fitted:
     """Train every SAE on fresh activations ``toy.hidden(x)``, x from the run's own data distribution.
 
@@ -151,11 +152,7 @@ def fit_sae(
     toy.eval()
     history: list[dict[str, np.ndarray]] = []
     resamples: list[dict[str, np.ndarray]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=spec.steps, desc=f"sae {sae.architecture}", unit="step", leave=False)
+    bar = make_bar(progress, total=spec.steps, desc=f"sae {sae.architecture}", unit="step")
     start = time.perf_counter()
     for step in range(spec.steps):
         with torch.no_grad():

@@ -21,6 +21,7 @@ from superposition.folder import (
     publish,
     work_dir,
 )
+from superposition.progress import Progress
 from superposition.sae.fit import fit_sae
 from superposition.sae.folder import (
     CONFIG,
@@ -51,7 +52,7 @@ def train_sae(
     architecture: str | None = None,
     *,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: Progress = None,
 ) -> Sae:
     """Train (in memory) the SAEs of one architecture on a run's activations and score them."""
     from superposition.version import __version__
@@ -82,7 +83,7 @@ def train_sae(
 
 
 def train_saes(
-    run: Run, spec: SaeSpec, *, device: str | torch.device | None = None, progress: bool = False
+    run: Run, spec: SaeSpec, *, device: str | torch.device | None = None, progress: Progress = None
 ) -> list[Sae]:
     """One :class:`Sae` per architecture of the spec."""
     return [train_sae(run, spec, a, device=device, progress=progress) for a in spec.architectures]

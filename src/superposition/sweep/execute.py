@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from superposition.folder import atomic_write_bytes, atomic_write_table
+from superposition.progress import Progress, make_bar
 from superposition.spec import SpecError, parse_spec
 from superposition.sweep.folder import ERRORS, REPORT, RESULTS, RUNS, collect_results, group_done, read_meta, read_plan
 from superposition.sweep.plan import Group, Plan
@@ -238,7 +239,7 @@ def execute(
     address: str | None = None,
     slurm: dict[str, Any] | None = None,
     slurm_cluster: str | None = None,
-    progress: bool = False,
+    progress: Progress = None,
 ) -> SweepOutcome:
     """Train every group of a prepared sweep folder that is not done yet, then write the table and the report.
 
@@ -260,13 +261,9 @@ def execute(
     todo.sort(key=lambda g: -g.work)  # longest first: better packing of the workers, honest ETA at the end
     n_skipped = len(plan.groups) - len(todo)
     counts = {"ok": 0, "failed": 0, "skipped": 0}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = sum(len(g.points) for g in plan.groups)
-        finished = total - sum(len(g.points) for g in todo)
-        bar = tqdm(total=total, initial=finished, unit="point", desc="sweep", dynamic_ncols=True)
+    total = sum(len(g.points) for g in plan.groups)
+    finished = total - sum(len(g.points) for g in todo)
+    bar = make_bar(progress, total=total, initial=finished, desc="sweep", unit="point")
     size = {g.id: len(g.points) for g in plan.groups}
 
     def done(result: GroupOutcome) -> None:
@@ -274,7 +271,7 @@ def execute(
         if bar is not None:
             bar.update(size[result.group])
             if counts["failed"]:
-                bar.set_postfix(failed=counts["failed"])
+                bar.set_postfix_str(f"failed={counts['failed']}")
 
     try:
         if todo and backend == "local":
