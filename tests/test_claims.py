@@ -129,3 +129,33 @@ def test_pentagon_rule_reads_the_geometry():
     W = torch.tensor(np.stack([np.cos(theta), np.sin(theta)]), dtype=torch.float32)
     np.testing.assert_allclose(_angles(W), 72.0, atol=1e-4)
     assert len(_angles(W * 0.1)) == 0
+
+
+# -- the verdict from the command line ---------------------------------------------------------------------------------
+def test_run_prints_the_verdict_of_a_full_preset_and_not_graded_otherwise(tmp_path, capsys):
+    import html
+
+    from superposition.cli import main
+
+    assert main(["run", "pentagon", "--out", str(tmp_path / "full")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("reproduced? yes") and "source:" in last, last
+    assert html.escape(last, quote=False) in (tmp_path / "full" / "report.html").read_text(encoding="utf-8")
+    assert main(["run", "pentagon", "--quick", "--out", str(tmp_path / "quick")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "reproduced? not graded (quick/modified)"
+    assert main(["run", "demo", "--quick", "--out", str(tmp_path / "demo"), "--set", "train.steps=20"]) == 0
+    assert "reproduced?" not in capsys.readouterr().out  # demo has no claim
+
+
+def test_reproduce_command_trains_then_rereads_the_same_rows(tmp_path, capsys):
+    from superposition.cli import main
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    argv = ["reproduce", "pentagon", "relu-vs-linear", "--quick", "--out", str(tmp_path / "r"), "--results"]
+    assert main([*argv, str(results)]) == 0
+    trained = capsys.readouterr().out
+    assert main([*argv, str(results), "--collect"]) == 0
+    assert capsys.readouterr().out == trained and trained.count("reproduced? ") == 2
+    assert results.read_text() == "# Results\n"  # a quick pass never writes the table
+    assert main(["reproduce", "demo", "--collect", "--out", str(tmp_path / "r")]) == 2

@@ -216,9 +216,7 @@ def resume_cmd(
     overwrite = run_dir.exists() or run_dir.is_symlink()
     check_run(experiment, run_dir, overwrite=overwrite, resume=True)
     with _interruptible(run_dir, experiment):
-        result = run_experiment(
-            experiment, run_dir, resume=True, overwrite=overwrite, progress=_bars(quiet)
-        )
+        result = run_experiment(experiment, run_dir, resume=True, overwrite=overwrite, progress=_bars(quiet))
     if not quiet:
         typer.echo(_summary(result))
         typer.echo(f"wrote {run_dir}/; open {run_dir / 'report.html'}")
@@ -355,6 +353,9 @@ def _run_sweep(
             table = sw.threshold_display(table, result.results, x, y, by)
             typer.echo(f"smallest {x} with {r.metric} < {r.threshold:g}:\n{table.to_string(index=False)}")
         typer.echo(f"wrote {target / sw.RESULTS}; open {target / sw.REPORT}")
+        line = sw.sweep_verdict(experiment, target)  # the preset's claim, graded ("not graded" when quick/modified)
+        if line:
+            typer.echo(line)
     failed = int((result.results["status"] == "failed").sum())
     if failed:
         raise _Fail(f"{failed} point(s) failed (their errors are in {target / sw.RESULTS}); rerun to retry them", 1)

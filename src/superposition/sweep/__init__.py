@@ -74,6 +74,7 @@ from superposition.sweep.report import (
     pick_sizes,
     render_sweep,
     report_axes,
+    sweep_verdict,
     threshold_display,
     threshold_table,
     training_geometry_data,
@@ -81,6 +82,7 @@ from superposition.sweep.report import (
 )
 
 __all__ = [
+    "sweep_verdict",
     "Condition",
     "parse_condition",
     "combinations",
