@@ -26,28 +26,7 @@ from pathlib import Path
 import torch
 
 from superposition.claims import RULES, Row
-from superposition.claims.paper import (
-    anticorrelated,
-    correlated,
-    double_descent,
-    geometry,
-    pentagon,
-    relu_vs_linear,
-)
-from superposition.claims.saes import sae_architectures, sae_recovery
-from superposition.claims.seeds import (
-    abs_computation,
-    abs_discrete,
-    asymmetric_motif,
-    compressed_computation,
-    compressed_computation_clean,
-    hierarchy,
-    l1_computation,
-    multi_layer,
-    neuron_model,
-    tied_vs_untied,
-    transplant_row,
-)
+from superposition.claims.saes import sae_recovery
 from superposition.reproduce import (
     BEGIN,
     END,
@@ -60,37 +39,19 @@ from superposition.reproduce import (
     where,
 )
 
-__all__ = [  # re-exported for older callers (tests/test_sae.py) and for main
+__all__ = [  # for older callers (tests import this file) and for main
     "BEGIN",
     "END",
     "EXTRACTORS",
     "HEADER",
     "RULES",
     "Row",
-    "abs_computation",
-    "abs_discrete",
-    "anticorrelated",
-    "asymmetric_motif",
-    "compressed_computation",
-    "compressed_computation_clean",
-    "correlated",
-    "double_descent",
     "format_row",
-    "geometry",
-    "hierarchy",
-    "l1_computation",
     "load_result",
     "main",
-    "multi_layer",
-    "neuron_model",
-    "pentagon",
-    "relu_vs_linear",
     "reproduce",
-    "sae_architectures",
     "sae_recovery",
-    "tied_vs_untied",
     "train_preset",
-    "transplant_row",
     "update_table",
     "where",
 ]
