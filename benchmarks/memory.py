@@ -1,4 +1,4 @@
-"""The one training-memory estimate against the measured peak of live tensors, for every preset it sizes at 10 MB or more.
+"""The one training-memory estimate against the measured peak of live tensors, for presets it sizes at 10 MB or more.
 
     python benchmarks/memory.py            # every preset (sweep presets: their largest packed group)
     python benchmarks/memory.py double-descent compressed-computation

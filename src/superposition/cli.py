@@ -225,11 +225,12 @@ def resume_cmd(
 @app.command("report")
 def report_cmd(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder or a sweep folder.")]) -> None:
     """Rebuild a run's (or a sweep's) report.html (atomically) from its saved weights and tables."""
+    from superposition.folder import format_bytes
     from superposition.runs import load_run, write_report
     from superposition.sweep import SWEEP_JSON, write_sweep_report
 
     path = write_sweep_report(run_dir) if (run_dir / SWEEP_JSON).exists() else write_report(load_run(run_dir))
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    typer.echo(f"wrote {path} ({format_bytes(path.stat().st_size)})")
 
 
 @app.command("plot")
@@ -249,7 +250,7 @@ def plot_cmd(
 
     Without --out the figure is written to FIGURE.png in the current folder; an existing file is replaced only with
     --overwrite."""
-    from superposition.folder import atomic_write_bytes
+    from superposition.folder import atomic_write_bytes, format_bytes
     from superposition.plots import figures_for_run
     from superposition.report import IMAGE_FORMATS, figure_image
     from superposition.runs import load_run
@@ -278,7 +279,7 @@ def plot_cmd(
     else:
         data = figure_image(fig, fmt, width=width, height=height, scale=scale)
     atomic_write_bytes(target, data)
-    typer.echo(f"wrote {target} ({len(data) / 1e3:.0f} kB)")
+    typer.echo(f"wrote {target} ({format_bytes(len(data))})")
 
 
 def _run_sweep(
