@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from superposition.fast.engine import estimated_eager_seconds
 from superposition.folder import format_bytes
 from superposition.spec import (
     INSTANCE_AXES,
@@ -166,17 +167,6 @@ def _point_raw(base: dict[str, Any], combo: dict[str, Any], labels: Mapping[str,
 
 
 # -- memory and work estimates -----------------------------------------------------------------------------------
-def _work(spec: Experiment) -> float:
-    """Relative work of training one instance of an experiment (multiply-adds of all its steps, up to a constant)."""
-    m, t = spec.model, spec.train
-    n, h = m.n_features, m.d_hidden
-    b = min(t.batch_size, spec.data.dataset_size or t.batch_size)  # a smaller fixed training set is the whole batch
-    if m.kind == "residual-mlp":
-        e, L = int(m.d_embed or n), m.n_layers
-        return float(b) * (2 * n * e + 2 * L * h * e) * 3 * t.steps
-    return float(b) * (2 * n * h + 4 * n) * 3 * t.steps
-
-
 def estimate_memory(spec: Experiment) -> int:
     """Estimated peak training memory of an experiment in bytes: :func:`superposition.spec.memory_estimate`'s total
     (the one estimate, also what ``run`` refuses by)."""
@@ -202,7 +192,9 @@ class Group:
     spec: dict[str, Any]
     members: list[tuple[int, int]]
     memory: int
+    """Estimated training bytes (superposition.spec.memory_estimate, the one estimate)."""
     work: float
+    """Estimated eager training seconds (superposition.fast.engine.estimated_eager_seconds): orders the groups."""
 
     @property
     def points(self) -> list[int]:
@@ -386,9 +378,10 @@ def make_plan(spec: Experiment) -> Plan:
             for m in members:
                 failed[m.point] = f"cannot pack: {exc}"
             continue
-        per_inst, work = memory_estimate(packed).per_instance, _work(packed)
+        per_inst = memory_estimate(packed).per_instance
+        work = estimated_eager_seconds(packed, "cpu")  # the engine's eager-time estimate: ordering and ETA
         pairs = [(m.point, m.repeat) for m in members]
-        groups.append(Group(gid, packed.model_dump(mode="json"), pairs, per_inst * len(members), work * len(members)))
+        groups.append(Group(gid, packed.model_dump(mode="json"), pairs, per_inst * len(members), work))
     owner = {p: g.id for g in groups for p, _ in g.members}
     points = [
         Point(p.index, p.values, owner.get(p.index), p.error or failed.get(p.index)) if p.error is None else p
