@@ -692,3 +692,13 @@ def test_reproduce_sae_architectures_row_reads_the_saved_scores(tmp_path):
     # TopK fires (nearly) one latent per sample even on zero inputs, far above the data's 0.125: the rule says no.
     assert not near["topk"] and "not for TopK (L0 " in row.verdict
     assert row.timing.startswith("toy model ") and ", topk " in row.timing
+
+
+def test_default_d_sae_is_the_runs_number_of_features():
+    assert load_sae_spec(n_features=20).d_sae == 20
+    assert load_sae_spec(n_features=20, overrides=["d_sae=7"]).d_sae == 7  # --set wins
+    assert load_sae_spec(base=SaeSpec(d_sae=3), n_features=20).d_sae == 3  # the run's own [sae] section wins
+    assert load_sae_spec().d_sae == 5  # the library default without a run
+    with pytest.raises(SpecError, match="at most d_sae=4"):  # k is validated after d_sae is resolved
+        load_sae_spec(n_features=4, overrides=["architecture='topk'", "k=5"])
+    assert load_sae_spec(n_features=20, overrides=["architecture='topk'", "k=5"]).k == 5

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -190,14 +191,19 @@ def sae_cmd(
     quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing SAE folders of the same name.")] = False,
 ) -> None:
-    """Train sparse autoencoders on a run's hidden activations; write RUN/sae/<name>/ with ground-truth scores."""
+    """Train sparse autoencoders on a run's hidden activations; write RUN/sae/<name>/ with ground-truth scores.
+
+    Without --spec or the run's own [sae] section: a ReLU SAE of d_sae = the run's n_features latents, 10000 steps
+    (at most 1000 with --quick), batch 1024; every field and default: superposition.spec.SaeSpec."""
     from superposition.runs import load_run
     from superposition.sae import load_sae_spec
 
     if device is not None and device not in ("cpu", "cuda", "auto"):
         raise _Fail(f"--device: expected cpu, cuda or auto (got {device!r})")
     run = load_run(run_dir)
-    sae_spec = load_sae_spec(spec, base=run.spec.sae, overrides=list(set_ or []), quick=quick)
+    sae_spec = load_sae_spec(
+        spec, base=run.spec.sae, overrides=list(set_ or []), quick=quick, n_features=run.spec.model.n_features
+    )
     _train_saes(run, sae_spec, overwrite=overwrite, device=device, quiet=quiet)
 
 
@@ -544,9 +550,40 @@ def _terminal_bar(*, total: int, initial: int = 0, desc: str = "", unit: str = "
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+class _LineBar:
+    """Progress off a terminal (a log file, a batch job): one line on stderr at most every ``every`` seconds."""
+
+    def __init__(self, *, total: int, initial: int = 0, desc: str = "", unit: str = "it", every: float = 10.0):
+        self.total, self.n, self.desc, self.unit, self.every = total, initial, desc, unit, every
+        self.start = self.last = time.monotonic()
+        self.first, self.postfix = initial, ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._line(now)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        pass
+
+    def _line(self, now: float) -> None:
+        spent, done = now - self.start, self.n - self.first
+        eta = f", ETA {(self.total - self.n) * spent / done:.0f} s" if done > 0 else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        print(f"{self.desc}: {self.unit} {self.n}/{self.total}{share}{extra}, {spent:.0f} s{eta}", file=sys.stderr)
+
+
 def _bars(quiet: bool):
-    """The bar factory the commands pass to the library: a terminal bar on a terminal, none otherwise."""
-    return _terminal_bar if not quiet and sys.stderr.isatty() else None
+    """The bar factory the commands pass to the library: a bar on a terminal, a line every ~10 s off one."""
+    if quiet:
+        return None
+    return _terminal_bar if sys.stderr.isatty() else _LineBar
 
 
 def _default_folder(name: str) -> Path:

@@ -182,17 +182,17 @@ def fit_sae(
                 if not bool(torch.isfinite(total).all()):
                     bad = (~torch.isfinite(total)).any(-1).nonzero().flatten().tolist()
                     raise TrainingDiverged(step, bad)
-                history.append(
-                    _long(
-                        step,
-                        {
-                            "loss": total.cpu().double().numpy(),
-                            "mse": terms.mse.detach().cpu().double().numpy(),
-                            "l0": (out.z > 0).sum(-2).double().mean(-1).cpu().numpy(),
-                            "dead": (since >= spec.resample_window).sum(-1).cpu().numpy().astype(np.int64),
-                        },
+                row = {
+                    "loss": total.cpu().double().numpy(),
+                    "mse": terms.mse.detach().cpu().double().numpy(),
+                    "l0": (out.z > 0).sum(-2).double().mean(-1).cpu().numpy(),
+                    "dead": (since >= spec.resample_window).sum(-1).cpu().numpy().astype(np.int64),
+                }
+                history.append(_long(step, row))
+                if bar is not None:  # means over instances and SAE settings
+                    bar.set_postfix_str(
+                        f"loss={row['loss'].mean():.3g} L0={row['l0'].mean():.3g} dead={row['dead'].mean():.3g}"
                     )
-                )
             if spec.resample_every and done % spec.resample_every == 0 and done < spec.steps:
                 dead = (since >= spec.resample_window) & resampling[None, :, None]
                 if bool(dead.any()):
