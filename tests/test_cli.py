@@ -107,10 +107,11 @@ def test_quick_prints_one_line_of_what_it_shrank_unless_quiet(capsys, tmp_path):
 
 def test_progress_off_a_terminal_is_one_line_every_few_seconds(capsys, monkeypatch):
     import superposition.cli as cli
+    import superposition.progress as progress
 
     clock = iter(range(0, 1000, 4))  # every update is 4 s after the last
-    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
-    bar = cli._LineBar(total=10, desc="demo [eager]", unit="step")
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.LineBar(total=10, desc="demo [eager]", unit="step")
     bar.set_postfix_str("loss=0.5")
     for _ in range(10):
         bar.update(1)
@@ -118,4 +119,4 @@ def test_progress_off_a_terminal_is_one_line_every_few_seconds(capsys, monkeypat
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3  # at 12, 24 and 36 s: no more than one line per 10 s
     assert lines[0] == "demo [eager]: step 3/10 (30%), loss=0.5, 12 s, ETA 28 s"
-    assert cli._bars(quiet=True) is None and cli._bars(quiet=False) is cli._LineBar  # pytest's stderr is no terminal
+    assert cli._bars(quiet=True) is None and cli._bars(quiet=False) is progress.LineBar  # stderr: no terminal

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -57,7 +58,7 @@ def test_recognises_its_own_folders(tmp_path):
     work.mkdir()
     (work / "spec.json").write_text(json.dumps(SPEC))
     (work / "checkpoint.safetensors").write_bytes(b"x")
-    (work / ".tmpab12_x").write_bytes(b"")  # safetensors' own leftover
+    (work / ".model.safetensors.tmp").write_bytes(b"")  # our writer's temporary name
     assert foreign_entry(work, (RUN_WORK,)) is None and foreign_entry(work, (RUN,)) is not None
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -76,6 +77,16 @@ def test_recognises_its_own_folders(tmp_path):
     [
         (lambda r: (r / "thesis.txt").write_text("mine"), "'thesis.txt'"),
         (lambda r: (r / "notes.tmp").write_text("mine"), "'notes.tmp'"),  # a .tmp name we never write
+        (lambda r: (r / ".tmp_notes").write_text("mine"), "'.tmp_notes'"),
+        (lambda r: (r / "config.json.tmp").write_text("mine"), "'config.json.tmp'"),
+        (
+            lambda r: _sae_folder(r / "sae" / "relu") and (r / "sae" / "relu" / "spec.json").write_text("{}"),
+            "spec.json",
+        ),
+        (
+            lambda r: shutil.copytree(r, r.parent / "copy") and shutil.move(r.parent / "copy", r / ".keep.old"),
+            ".keep.old",
+        ),
         (lambda r: (r / "sae").mkdir() or (r / "sae" / "mine.txt").write_text("x"), "sae/'mine.txt'"),
         (lambda r: (r / "config.json").write_text('{"spec": {}}'), "no config.json"),  # no version: not our marker
         (lambda r: (r / "history.parquet").unlink() or (r / "history.parquet").mkdir(), "'history.parquet'"),
@@ -187,3 +198,34 @@ def test_folders_of_the_previous_layout_load_and_render(tmp_path):
     assert sorted(sweep.results["status"].unique()) == ["ok"] and len(sweep.runs) == 2
     assert write_sweep_report(tmp_path / "sweep").stat().st_size > 1_000_000  # plotly.js embedded
     assert foreign_entry(tmp_path / "run", (RUN,)) is None and foreign_entry(tmp_path / "sweep", (SWEEP,)) is None
+
+
+def test_a_chain_of_trash_is_checked_before_anything_is_deleted(tmp_path):
+    work = tmp_path / ".w.partial"
+    for path in (work, tmp_path / ".w.partial.trash"):
+        path.mkdir()
+        (path / "spec.json").write_text(json.dumps(SPEC))
+    (tmp_path / ".w.partial.trash.trash").write_text("mine")  # a file of the user's at the end of the chain
+    with pytest.raises(NotOurs, match="trash.trash"):
+        remove_owned(work, (RUN_WORK,))
+    assert (work / "spec.json").is_file() and (tmp_path / ".w.partial.trash" / "spec.json").is_file()
+    (tmp_path / ".w.partial.trash.trash").unlink()
+    remove_owned(work, (RUN_WORK,))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dot_as_the_target_keeps_the_working_folder_outside_it(tmp_path, monkeypatch):
+    from superposition.folder import normal, user_path, work_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert work_dir(".") == tmp_path.parent / f".{tmp_path.name}.partial" and normal("x") == Path("x")
+    assert user_path("/h/.cache.old/p/.c.partial/checkpoint.safetensors") == Path("/h/.cache.old/p/c")
+
+
+def test_bfloat16_keeps_float32_weights_and_moments_in_the_estimate():
+    from superposition.spec import memory_estimate
+
+    raw = {"model": {"n_features": 1000, "d_hidden": 100, "tied": True}, "train": {"batch_size": 1}}
+    fp32, bf16 = memory_estimate(parse_spec(raw)), memory_estimate(parse_spec({**raw, "dtype": "bfloat16"}))
+    assert bf16.parameters == fp32.parameters and bf16.optimizer == fp32.optimizer == 4 * 2 * (100 * 1000 + 1000)
+    assert bf16.activations * 2 == fp32.activations

@@ -668,3 +668,14 @@ def test_messages_name_the_folder_asked_for_not_the_working_folder(tmp_path, cap
     # an OS error about a working folder names the folder the user asked for
     assert folder.user_path(tmp_path / ".out.partial.new" / "spec.json") == tmp_path / "out"
     assert folder.user_path(tmp_path / "sae" / ".relu.partial") == tmp_path / "sae" / "relu"
+
+
+def test_sae_refuses_to_write_through_a_linked_sae_folder(tmp_path, capsys):
+    folder = tmp_path / "r"
+    shutil.copytree(_safe_run(tmp_path), folder)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / "sae").symlink_to(elsewhere)
+    capsys.readouterr()
+    assert main(["sae", str(folder), "--set", "steps=20", "--quiet"]) == 2
+    assert "refusing to write through it" in capsys.readouterr().err and list(elsewhere.iterdir()) == []

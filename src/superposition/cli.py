@@ -527,14 +527,20 @@ def _err(message: str) -> None:
 @contextlib.contextmanager
 def _interruptible(target: Path, experiment):
     """Turn Ctrl-C during training into one line that says what was kept and how to continue."""
+    start = time.time()
     try:
         yield
     except KeyboardInterrupt:
+        from superposition.folder import normal, work_dir
         from superposition.runs import interrupted_step
 
-        step = interrupted_step(target)
-        every = experiment.train.checkpoint_every
-        if step is not None:
+        step, work, every = interrupted_step(target), work_dir(target), experiment.train.checkpoint_every
+        config = normal(target) / "config.json"
+        if (work / "config.json").is_file():  # killed while publishing: the run is complete in its working folder
+            kept = f"the run is complete; put it in place with: superposition resume {target}"
+        elif not work.exists() and config.is_file() and config.stat().st_mtime >= start:
+            kept = f"the run was written to {target} (only its clean-up or SAEs were cut short)"
+        elif step is not None:
             kept = f"checkpoint at step {step} kept; continue with: superposition resume {target}"
         elif every:
             kept = f"nothing kept (interrupted before the first checkpoint, at step {every})"
@@ -550,40 +556,13 @@ def _terminal_bar(*, total: int, initial: int = 0, desc: str = "", unit: str = "
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-class _LineBar:
-    """Progress off a terminal (a log file, a batch job): one line on stderr at most every ``every`` seconds."""
-
-    def __init__(self, *, total: int, initial: int = 0, desc: str = "", unit: str = "it", every: float = 10.0):
-        self.total, self.n, self.desc, self.unit, self.every = total, initial, desc, unit, every
-        self.start = self.last = time.monotonic()
-        self.first, self.postfix = initial, ""
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            self._line(now)
-
-    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
-        self.postfix = s
-
-    def close(self) -> None:
-        pass
-
-    def _line(self, now: float) -> None:
-        spent, done = now - self.start, self.n - self.first
-        eta = f", ETA {(self.total - self.n) * spent / done:.0f} s" if done > 0 else ""
-        extra = f", {self.postfix}" if self.postfix else ""
-        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        print(f"{self.desc}: {self.unit} {self.n}/{self.total}{share}{extra}, {spent:.0f} s{eta}", file=sys.stderr)
-
-
 def _bars(quiet: bool):
     """The bar factory the commands pass to the library: a bar on a terminal, a line every ~10 s off one."""
     if quiet:
         return None
-    return _terminal_bar if sys.stderr.isatty() else _LineBar
+    from superposition.progress import LineBar
+
+    return _terminal_bar if sys.stderr.isatty() else LineBar
 
 
 def _default_folder(name: str) -> Path:

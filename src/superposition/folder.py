@@ -54,6 +54,7 @@ __all__ = [
     "fresh_workdir",
     "publish",
     "work_dir",
+    "normal",
     "user_path",
     "format_bytes",
 ]
@@ -338,9 +339,8 @@ SWEEP = FolderKind(
 KINDS = (RUN, RUN_WORK, SAE, SAE_WORK, SWEEP)
 """Every kind of folder this tool writes."""
 
-_TMP = re.compile(r"\.tmp[A-Za-z0-9_]*|\.?(?P<name>.+)\.tmp")
-"""Temporary files of our writers: ``X.tmp`` / ``.X.tmp`` for a file ``X`` the format knows; safetensors'
-``.tmpXXXX``."""
+_TMP = re.compile(r"\.(?P<name>.+)\.tmp")
+"""Temporary files of our one writer (:func:`atomic_write_bytes`): ``.X.tmp`` for a file ``X`` the format knows."""
 _WORK = re.compile(r"\..+\.(partial|old|trash|new)")
 """Hidden working folders (``.X.partial``, ``.X.old``, ``.X.partial.new``, ``.X.trash``): checked in turn."""
 
@@ -354,7 +354,7 @@ def _lstat(path: Path) -> os.stat_result | None:
 
 def _is_tmp(name: str, known: frozenset[str] | set[str]) -> bool:
     m = _TMP.fullmatch(name)
-    return m is not None and (m.group("name") is None or m.group("name") in known)
+    return m is not None and m.group("name") in known
 
 
 def _marker_ok(folder: Path, kind: FolderKind) -> bool:
@@ -407,23 +407,21 @@ def _entries_problem(folder: Path, names: list[str], kind: FolderKind, depth: in
         if not is_dir and (name in known or _is_tmp(name, known)):
             continue
         if is_dir and name in kind.nested and depth < 4:
+            finished = kind.nested[name][:1]  # a finished location holds only the finished kind
             for child in sorted(os.listdir(path)):
-                problem = _problem(path / child, kind.nested[name], depth + 1)
+                kinds = kind.nested[name] if _WORK.fullmatch(child) else finished
+                problem = _problem(path / child, kinds, depth + 1)
                 if problem is not None:
                     return f"unknown entry {name}/{child!r} ({problem})"
             continue
         if is_dir and name in kind.nested_files:
             for child in sorted(os.listdir(path)):
                 pattern = kind.nested_files[name]
-                named = pattern.fullmatch(child) or _TMP.fullmatch(child)
+                tmp = _TMP.fullmatch(child)
+                named = pattern.fullmatch(child) or (tmp is not None and pattern.fullmatch(tmp.group("name")))
                 if not named or not stat.S_ISREG((path / child).lstat().st_mode):
                     return f"unknown entry {name}/{child!r}"
             continue
-        if is_dir and _WORK.fullmatch(name) and depth < 4:
-            problem = _problem(path, KINDS, depth + 1)
-            if problem is None:
-                continue
-            return f"unknown entry {name!r} ({problem})"
         return f"unknown entry {name!r}"
     return None
 
@@ -461,14 +459,14 @@ def check_target(out: str | Path, kind: FolderKind, work: FolderKind, *, overwri
     ``out`` may be replaced only when it is a folder of ``kind`` (and ``overwrite`` asks); ``.NAME.partial``, its
     staging ``.new``, ``.NAME.old`` and their ``.trash`` leftovers are deleted only when they are our own folders.
     """
-    out = Path(out)
+    out = normal(out)
     if _lstat(out) is not None:
         if not overwrite:
             raise SpecError(f"{out}: already exists (pass --overwrite to replace it)")
         check_replaceable(out, (kind,))
     partial = work_dir(out)
     for sibling in (partial, partial.with_name(partial.name + ".new"), out.parent / f".{out.name}.old"):
-        for path in (sibling, sibling.with_name(sibling.name + ".trash")):
+        for path in _trash_chain(sibling):
             check_replaceable(path, (kind, work), "delete")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
@@ -485,16 +483,38 @@ def remove_owned(path: str | Path, kinds: tuple[FolderKind, ...] = KINDS) -> Non
     path = Path(path)
     if _lstat(path) is None:
         return
-    check_replaceable(path, kinds, "delete")
-    trash = path.with_name(path.name + ".trash") if path.name.startswith(".") else path.with_name(f".{path.name}.trash")
-    remove_owned(trash)
+    chain = _trash_chain(path)
+    for link in chain:  # every refusal before anything is deleted
+        check_replaceable(link, kinds if link == path else KINDS, "delete")
+    for leftover in reversed(chain[1:]):  # earlier killed removals first: they are our own trash
+        _delete_tree(leftover)
+    trash = _trash_name(path)
     os.replace(path, trash)
     _delete_tree(trash)
 
 
+def _trash_name(path: Path) -> Path:
+    return path.with_name(path.name + ".trash") if path.name.startswith(".") else path.with_name(f".{path.name}.trash")
+
+
+def _trash_chain(path: Path) -> list[Path]:
+    """``path`` and the leftovers of earlier killed removals after it (``.X.trash``, ``.X.trash.trash``, ...)."""
+    chain = [Path(path)]
+    while _lstat(_trash_name(chain[-1])) is not None and len(chain) < 64:
+        chain.append(_trash_name(chain[-1]))
+    return chain
+
+
+def normal(out: str | Path) -> Path:
+    """``out`` with a real last component (``.``, ``..`` or a trailing ``/.`` made absolute), so that its hidden
+    siblings sit next to it, never inside it."""
+    out = Path(out)
+    return Path(os.path.abspath(out)) if out.name in ("", ".", "..") else out
+
+
 def work_dir(out: str | Path) -> Path:
     """The hidden sibling ``.NAME.partial`` in which a folder is built (and checkpointed) before it is published."""
-    out = Path(out)
+    out = normal(out)
     return out.parent / f".{out.name}.partial"
 
 
@@ -502,8 +522,8 @@ def user_path(path: str | Path) -> Path:
     """The folder a user asked for, for a path inside one of our hidden working siblings (for messages)."""
     path = Path(path)
     pattern = re.compile(r"\.(.+?)\.(partial|old)(\.(new|trash))*")
-    for i, part in enumerate(path.parts):
-        m = pattern.fullmatch(part)
+    for i in range(len(path.parts) - 1, -1, -1):  # the innermost working folder: ancestors are left alone
+        m = pattern.fullmatch(path.parts[i])
         if m:
             return Path(*path.parts[:i], m.group(1))
     return path

@@ -9,10 +9,12 @@ command line passes its terminal bar; a notebook passes tqdm's notebook bar. ``T
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
-__all__ = ["Bar", "BarFactory", "Progress", "make_bar", "tqdm_bar"]
+__all__ = ["Bar", "BarFactory", "LineBar", "Progress", "make_bar", "tqdm_bar"]
 
 
 class Bar(Protocol):
@@ -45,3 +47,44 @@ def make_bar(progress: Progress, *, total: int, initial: int = 0, desc: str = ""
         return None
     factory = tqdm_bar if progress is True else progress
     return factory(total=total, initial=initial, desc=desc, unit=unit)
+
+
+class LineBar:
+    """Progress off a terminal (a log file, a batch job): one line at most every ``every`` seconds on ``stream``
+    (default stderr): steps, share, the last postfix (loss, L0, ...), elapsed time, ETA. A factory: pass the class."""
+
+    def __init__(
+        self,
+        *,
+        total: int,
+        initial: int = 0,
+        desc: str = "",
+        unit: str = "it",
+        every: float = 10.0,
+        stream: IO[str] | None = None,
+    ):
+        self.total, self.n, self.desc, self.unit, self.every = total, initial, desc, unit, every
+        self.stream = stream
+        self.start = self.last = time.monotonic()
+        self.first, self.postfix = initial, ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._line(now)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        pass
+
+    def _line(self, now: float) -> None:
+        spent, done = now - self.start, self.n - self.first
+        eta = f", ETA {(self.total - self.n) * spent / done:.0f} s" if done > 0 else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        line = f"{self.desc}: {self.unit} {self.n}/{self.total}{share}{extra}, {spent:.0f} s{eta}\n"
+        (self.stream or sys.stderr).write(line)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from superposition.claims import claim_line
-from superposition.folder import RUN, RUN_WORK, check_target, fresh_workdir, publish, remove_owned, work_dir
+from superposition.folder import RUN, RUN_WORK, check_target, fresh_workdir, normal, publish, remove_owned, work_dir
 from superposition.progress import Progress
 from superposition.record import (
     CHECKPOINT,
@@ -71,7 +71,7 @@ def train(spec: Experiment, *, progress: Progress = None) -> Run:
 
 def save_run(run: Run, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a run folder atomically (built in a hidden sibling, then renamed)."""
-    out = Path(out)
+    out = normal(out)
     check_target(out, RUN, RUN_WORK, overwrite=overwrite)
     partial = work_dir(out)
     fresh_workdir(partial, SPEC_MARKER, spec_text(run.spec).encode(), (RUN_WORK,))
@@ -87,7 +87,7 @@ def check_run(spec: Experiment, out: str | Path, *, overwrite: bool = False, res
 
     Returns the checkpoint step ``run`` will resume from (None: it starts from step 0).
     """
-    out = Path(out)
+    out = normal(out)
     check_memory(spec)
     resolve_device(spec.device)
     check_target(out, RUN, RUN_WORK, overwrite=overwrite)
@@ -130,7 +130,7 @@ def run(
     refused, unless ``overwrite`` asks to start over. A run that diverges (on_divergence = "stop") leaves nothing.
     Only this tool's own folders are ever replaced or deleted (:func:`check_run` refuses anything else up front).
     """
-    out = Path(out)
+    out = normal(out)
     step = check_run(spec, out, overwrite=overwrite, resume=resume)
     partial = work_dir(out)
     if resume and all((partial / name).is_file() for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES)):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from superposition.errors import NotOurs
 from superposition.folder import (
     MAX_CONFIG_BYTES,
     MAX_TABLE_BYTES,
@@ -135,6 +136,8 @@ def check_sae_targets(run: Run, spec: SaeSpec, *, overwrite: bool = False) -> li
     if run.path is None:
         raise SpecError("run_saes: the run has no folder (save it first, or use train_saes)")
     root = Path(run.path) / "sae"
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise NotOurs(f"{root}: not a folder of SAE folders (a link or a file); refusing to write through it")
     targets = [root / spec.folder_name(a) for a in spec.architectures]
     for t in targets:
         check_target(t, SAE_KIND, SAE_WORK, overwrite=overwrite)

@@ -18,6 +18,7 @@ from superposition.folder import (
     atomic_write_table,
     check_target,
     fresh_workdir,
+    normal,
     publish,
     work_dir,
 )
@@ -94,7 +95,7 @@ def save_sae(sae: Sae, out: str | Path, *, overwrite: bool = False, report_html:
 
     ``report_html`` (the page :func:`superposition.runs.sae_page` makes) is written as report.html; None leaves it
     out. Only an SAE folder of this tool is replaced (with ``overwrite``); anything else at ``out`` is refused."""
-    out = Path(out)
+    out = normal(out)
     check_target(out, SAE_KIND, SAE_WORK, overwrite=overwrite)
     partial = work_dir(out)
     marker = {"format": FORMAT, "sae": sae.spec.model_dump(mode="json")}

@@ -64,12 +64,12 @@ def memory_estimate(spec: Experiment) -> MemoryEstimate:
         act = b * (6 * n + 3 * h)
     data = n * (spec.data.dataset_size or 0)
     act = max(act, int((DATASET_DRAW_FACTOR - 1) * data))
-    size = 2 if spec.dtype == "bfloat16" else 4
+    size = 2 if spec.dtype == "bfloat16" else 4  # bf16 computes in bf16; weights, Adam and datasets stay float32
     return MemoryEstimate(
-        parameters=size * inst * (2 * params + buffers),
-        optimizer=size * inst * 2 * params,
+        parameters=4 * inst * (2 * params + buffers),
+        optimizer=4 * inst * 2 * params,
         activations=size * inst * act,
-        dataset=size * inst * data,
+        dataset=4 * inst * data,
         n_instances=inst,
     )
 
