@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from superposition import claims
 from superposition.claims import NOT_GRADED, RULES, Row, claim_line, grade, has_claim, is_full_preset, verdict_line
-from superposition.claims.seeds import threshold_table
 from superposition.errors import SpecError
 from superposition.reproduce import BEGIN, END, HEADER, reproduce
 from superposition.runs import train
@@ -53,21 +50,11 @@ def test_claims_sit_below_runs_sweep_report_plots_and_cli():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_threshold_table_agrees_with_the_sweep_module():
+def test_claims_and_sweep_share_one_threshold_table():
     from superposition import sweep as sw
+    from superposition.claims import seeds
 
-    rows = []
-    for variant, offset in (("tree", 0), ("flat", 2)):
-        for depth in (1, 2, 3):
-            for width in (2, 3, 4, 5):
-                loss = 1e-7 if width >= depth + 1 + offset else 10.0**-(width)
-                rows.append({"variant": variant, "depth": depth, "width": width, "loss_min": loss, "status": "ok"})
-    rows.append({"variant": "tree", "depth": 1, "width": 9, "loss_min": math.nan, "status": "failed"})
-    df = pd.DataFrame(rows)
-    for by in ("variant", None):
-        ours = threshold_table(df, "width", "depth", "loss_min", 1e-5, by=by)
-        pd.testing.assert_frame_equal(ours, sw.threshold_table(df, "width", "depth", "loss_min", 1e-5, by=by))
-    assert threshold_table(df, "width", "depth", by="variant")["tree"].tolist() == [2, 3, 4]
+    assert seeds.threshold_table is sw.threshold_table  # one implementation (superposition.thresholds)
 
 
 def test_grade_a_short_relu_vs_linear_run():
