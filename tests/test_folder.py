@@ -229,3 +229,12 @@ def test_bfloat16_keeps_float32_weights_and_moments_in_the_estimate():
     fp32, bf16 = memory_estimate(parse_spec(raw)), memory_estimate(parse_spec({**raw, "dtype": "bfloat16"}))
     assert bf16.parameters == fp32.parameters and bf16.optimizer == fp32.optimizer == 4 * 2 * (100 * 1000 + 1000)
     assert bf16.activations * 2 == fp32.activations
+
+
+def test_records_have_a_one_line_repr():
+    import superposition as sp
+
+    run = sp.load_run(OLD / "run")
+    assert repr(run) == (f"Run('tiny': relu-output 5 features in 2 dims, 2 instance(s), 20 steps at {OLD / 'run'})")
+    assert repr(sp.load_sae(OLD / "run" / "sae" / "relu")).startswith("Sae('relu': relu, 1 setting(s) x 2 instance(s)")
+    assert repr(sp.load_sweep(OLD / "sweep")).startswith("Sweep('tinysweep': 2 point(s) in 2 model(s), 2 ok at ")

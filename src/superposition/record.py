@@ -80,6 +80,14 @@ class Run:
     verdict: str | None = None
     """The line grading the run against its preset's claim (set by :func:`superposition.runs.run`; not saved)."""
 
+    def __repr__(self) -> str:
+        m = self.spec.model
+        where = f" at {self.path}" if self.path is not None else " (in memory)"
+        return (
+            f"Run({self.spec.name!r}: {m.kind} {m.n_features} features in {m.d_hidden} dims, "
+            f"{self.spec.n_instances} instance(s), {self.spec.train.steps} steps{where})"
+        )
+
 
 def _axis_column(values: list[Any]) -> list[Any]:
     # Lists (explicit importance vectors) become JSON text so the column stays a plain parquet type.

@@ -72,6 +72,14 @@ class Sae:
     meta: dict[str, Any]
     path: Path | None = None
 
+    def __repr__(self) -> str:
+        m = self.model
+        where = f" at {self.path}" if self.path is not None else " (in memory)"
+        return (
+            f"Sae({self.name!r}: {self.architecture}, {m.n_sae} setting(s) x {m.n_instances} instance(s), "
+            f"d_sae {m.d_sae} on {m.d_in}-dim activations{where})"
+        )
+
     @property
     def architecture(self) -> str:
         return self.model.architecture

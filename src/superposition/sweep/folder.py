@@ -367,6 +367,12 @@ class Sweep:
     results: pd.DataFrame
     runs: Mapping[str, Run] = field(repr=False)
 
+    def __repr__(self) -> str:
+        status = self.results["status"].value_counts().to_dict() if "status" in self.results else {}
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(status.items()))
+        shape = f"{len(self.plan.points)} point(s) in {len(self.plan.groups)} model(s)"
+        return f"Sweep({self.spec.name!r}: {shape}, {counts} at {self.path})"
+
     def instances(self) -> pd.DataFrame:
         """Long table: every instance of every finished group with its point, repeat and the point's axis values."""
         frames = []
