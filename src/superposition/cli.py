@@ -326,7 +326,7 @@ def _run_sweep(
     plan = sw.prepare(experiment, target, resume=resume)
     if not quiet:
         typer.echo(sw.describe_plan(plan))
-        done = sum((target / sw.RUNS / g.id / "config.json").is_file() for g in plan.groups)
+        done = sum(sw.group_done(target, g.id) for g in plan.groups)
         if done:
             typer.echo(f"resuming: {done} of {len(plan.groups)} model(s) already done in {target}/")
     try:
@@ -340,7 +340,7 @@ def _run_sweep(
             progress=_bars(quiet),
         )
     except KeyboardInterrupt:
-        done = sum((target / sw.RUNS / g.id / "config.json").is_file() for g in plan.groups)
+        done = sum(sw.group_done(target, g.id) for g in plan.groups)
         raise _Fail(
             f"interrupted; {done} of {len(plan.groups)} model(s) are done and kept in {target}; "
             "run the same command again to continue (a sweep resumes)",
@@ -532,11 +532,11 @@ def _interruptible(target: Path, experiment):
         yield
     except KeyboardInterrupt:
         from superposition.folder import normal, work_dir
-        from superposition.runs import interrupted_step
+        from superposition.record import interrupted_step, partial_complete
 
         step, work, every = interrupted_step(target), work_dir(target), experiment.train.checkpoint_every
         config = normal(target) / "config.json"
-        if (work / "config.json").is_file():  # killed while publishing: the run is complete in its working folder
+        if partial_complete(target):  # killed while publishing: the run is complete in its working folder
             kept = f"the run is complete; put it in place with: superposition resume {target}"
         elif not work.exists() and config.is_file() and config.stat().st_mtime >= start:
             kept = f"the run was written to {target} (only its clean-up or SAEs were cut short)"

@@ -443,7 +443,7 @@ def check_replaceable(path: str | Path, kinds: tuple[FolderKind, ...], action: s
 def _delete_tree(folder: Path) -> None:
     """Delete a folder already checked to be ours, markers last in every folder: a kill part-way leaves folders that
     still carry their marker (or are empty), so the next command recognises them and finishes the job."""
-    markers = {m for k in KINDS for m in k.markers} | {"sweep.json"}
+    markers = {m for k in KINDS for m in k.markers}
     entries = sorted(os.scandir(folder), key=lambda e: (e.name in markers, e.name))
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):

@@ -57,6 +57,7 @@ __all__ = [
     "interrupted_step",
     "partial_dir",
     "partial_spec",
+    "partial_complete",
     "spec_text",
     "load_run",
     "read_safetensors_header",
@@ -200,6 +201,13 @@ def interrupted_step(out: str | Path) -> int | None:
         return checkpoint_step(work_dir(Path(out)))
     except (OSError, SpecError):
         return None
+
+
+def partial_complete(out: str | Path) -> bool:
+    """Whether the interrupted run of ``out`` is complete in its working folder (killed while publishing: config.json,
+    written last, is there with the weights and tables), so that resuming only has to put it in place."""
+    partial = work_dir(out)
+    return all((partial / name).is_file() for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES))
 
 
 def partial_spec(out: str | Path) -> Experiment:

@@ -14,17 +14,14 @@ from superposition.folder import RUN, RUN_WORK, check_target, fresh_workdir, nor
 from superposition.progress import Progress
 from superposition.record import (
     CHECKPOINT,
-    CONFIG,
-    HISTORY,
-    INSTANCES,
     SPEC_MARKER,
-    WEIGHTS,
     Run,
     RunFormatError,
     checkpoint_step,
     finish,
     interrupted_step,
     load_run,
+    partial_complete,
     partial_dir,
     partial_spec,
     read_checkpoint,
@@ -92,7 +89,7 @@ def check_run(spec: Experiment, out: str | Path, *, overwrite: bool = False, res
     resolve_device(spec.device)
     check_target(out, RUN, RUN_WORK, overwrite=overwrite)
     partial = work_dir(out)
-    if resume and all((partial / name).is_file() for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES)):
+    if resume and partial_complete(out):
         if spec_text(partial_spec(out)) != spec_text(spec):
             raise SpecError(f"{out}: the interrupted run was started with a different spec; cannot resume")
         return None
@@ -133,7 +130,7 @@ def run(
     out = normal(out)
     step = check_run(spec, out, overwrite=overwrite, resume=resume)
     partial = work_dir(out)
-    if resume and all((partial / name).is_file() for name in (CONFIG, WEIGHTS, HISTORY, INSTANCES)):
+    if resume and partial_complete(out):
         # Killed while publishing: the partial folder is a complete run (config.json is written last); finish it.
         publish(partial, out, RUN, overwrite=overwrite)
         result = load_run(out)
@@ -172,23 +169,22 @@ def report_sections(run: Run) -> list[Section]:
 def verdict(run: Run) -> str | None:
     """The line grading a run against its preset's claim (:func:`superposition.claims.claim_line`): the verdict of a
     full preset, "not graded (quick/modified)" otherwise; None for a preset without a claim (e.g. demo)."""
-    try:
-        return claim_line(run.spec.name, run.spec, run)
-    except SpecError as exc:
-        return f"reproduced? could not be graded ({exc})"
+    return claim_line(run.spec.name, run.spec, run)
+
+
+def _lead(line: str | None) -> list[Section]:
+    return [Section("Reproduced?", paragraphs=[line])] if line else []
 
 
 def render(run: Run, line: str | None = None) -> str:
     """The run's report page: the verdict ``line`` at the top (if any), the run's own sections, its SAE folders."""
-    lead = [Section("Reproduced?", paragraphs=[line])] if line else []
-    return render_run(run, report_sections(run), lead)
+    return render_run(run, report_sections(run), _lead(line))
 
 
 def write_report(run: Run, path: str | Path | None = None) -> Path:
     """(Re)write a run's report.html atomically, graded and with its SAE folders' sections; default ``run.path``."""
     run.verdict = verdict(run)
-    lead = [Section("Reproduced?", paragraphs=[run.verdict])] if run.verdict else []
-    return write_page(run, path, report_sections(run), lead)
+    return write_page(run, path, report_sections(run), _lead(run.verdict))
 
 
 # -- SAEs on a run ---------------------------------------------------------------------------------------------------

@@ -109,8 +109,15 @@ def verdict_line(name: str, result: Any) -> str:
 
 
 def claim_line(name: str, spec: Experiment, result: Any) -> str | None:
-    """What ``run`` ends with: the verdict line of a full preset, :data:`NOT_GRADED` for a quick or modified one,
-    None for a preset without a rule (or a spec that is no preset)."""
+    """What ``run`` and ``sweep`` end with: the verdict line of a full preset, :data:`NOT_GRADED` for a quick or
+    modified one, None for a preset without a rule (or a spec that is no preset). ``result`` is the finished result or
+    a function that loads it (called only when the preset is graded); a result the rule cannot read gives a
+    "could not be graded" line naming why."""
     if not has_claim(name):
         return None
-    return verdict_line(name, result) if is_full_preset(name, spec) else NOT_GRADED
+    if not is_full_preset(name, spec):
+        return NOT_GRADED
+    try:
+        return verdict_line(name, result() if callable(result) else result)
+    except SpecError as exc:
+        return f"reproduced? could not be graded ({exc})"

@@ -82,10 +82,3 @@ def format_validation_error(exc: ValidationError) -> str:
     if len(exc.errors()) > 1:
         line += f" [and {len(exc.errors()) - 1} more problem(s)]"
     return line.replace("\n", " ")
-
-
-def get_or(raw: dict[str, Any], key: str, default: Any) -> Any:
-    try:
-        return get_dotted(raw, key)
-    except (KeyError, TypeError):
-        return default

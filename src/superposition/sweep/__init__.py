@@ -50,6 +50,7 @@ from superposition.sweep.folder import (
     SWEEP_JSON,
     Sweep,
     collect_results,
+    group_done,
     load_sweep,
     prepare,
     read_plan,
@@ -82,6 +83,7 @@ from superposition.sweep.report import (
 )
 
 __all__ = [
+    "group_done",
     "sweep_verdict",
     "Condition",
     "parse_condition",

@@ -12,19 +12,15 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from superposition.folder import MAX_TABLE_BYTES, SWEEP_FORMAT, RunFormatError, atomic_write_bytes, checked_file
-from superposition.runs import INSTANCES
+from superposition.record import INSTANCES, Run, load_run
 from superposition.spec import Experiment, SpecError, SweepSpec, parse_spec
 from superposition.sweep.plan import Plan, make_plan, n_combinations
-
-if TYPE_CHECKING:
-    from superposition.runs import Run
-
 
 FORMAT = SWEEP_FORMAT
 SWEEP_JSON, RESULTS, REPORT = "sweep.json", "results.parquet", "report.html"
@@ -345,8 +341,6 @@ class _Runs(Mapping[str, "Run"]):
         if key not in self._cache:
             if key not in self._ids_planned or not group_done(self._out, key):
                 raise KeyError(key)
-            from superposition.runs import load_run
-
             self._cache[key] = load_run(self._out / RUNS / key)
         return self._cache[key]
 

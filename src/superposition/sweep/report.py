@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from superposition.claims import NOT_GRADED, has_claim, is_full_preset, verdict_line
+from superposition.claims import claim_line
 from superposition.folder import atomic_write_bytes
-from superposition.spec import Experiment, SpecError, SweepSpec
+from superposition.spec import Experiment, SweepSpec
 from superposition.sweep.folder import REPORT, RUNS, load_sweep
 from superposition.sweep.plan import PACKABLE_KINDS, Plan, describe_plan
 from superposition.thresholds import ok_rows, threshold_display, threshold_table
@@ -317,14 +317,7 @@ def write_sweep_report(out: str | Path) -> Path:
 def sweep_verdict(spec: Experiment, out: str | Path) -> str | None:
     """The line grading a finished sweep folder against its preset's claim (:func:`superposition.claims.claim_line`;
     "not graded (quick/modified)" for a quick or modified sweep, None for a preset without a claim)."""
-    if not has_claim(spec.name):
-        return None
-    if not is_full_preset(spec.name, spec):
-        return NOT_GRADED
-    try:
-        return verdict_line(spec.name, load_sweep(out))
-    except SpecError as exc:
-        return f"reproduced? could not be graded ({exc})"
+    return claim_line(spec.name, spec, lambda: load_sweep(out))
 
 
 def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str | Path | None = None) -> str:
