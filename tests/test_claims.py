@@ -146,3 +146,14 @@ def test_reproduce_command_trains_then_rereads_the_same_rows(tmp_path, capsys):
     assert capsys.readouterr().out == trained and trained.count("reproduced? ") == 2
     assert results.read_text() == "# Results\n"  # a quick pass never writes the table
     assert main(["reproduce", "demo", "--collect", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_reproduce_refuses_before_writing_anything(tmp_path, capsys):
+    from superposition.cli import main
+
+    assert main(["reproduce", "pentagon", "--collect", "--out", str(tmp_path / "none")]) == 2
+    assert "no finished folder to re-read" in capsys.readouterr().err
+    assert main(["reproduce", "pentagon", "--quick", "--device", "xyz", "--out", str(tmp_path / "bad")]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and "device" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -59,7 +59,7 @@ def train_preset(name: str, out: Path, quick: bool, threads: int, overrides: Seq
 
 def load_result(name: str, out: Path) -> Any:
     """The finished result in ``out``: the loaded sweep for a sweep folder, else the run."""
-    return sw.load_sweep(out) if (out / "sweep.json").is_file() else load_run(out)
+    return sw.load_sweep(out) if (out / sw.SWEEP_JSON).is_file() else load_run(out)
 
 
 def where(device: str, threads: int, workers: int = 1) -> str:
@@ -147,7 +147,15 @@ def reproduce(
     before = torch.get_num_threads()
     threads = before if threads is None else threads
     out_root = Path(out) / ("quick" if quick else "full")
-    out_root.mkdir(parents=True, exist_ok=True)
+    settings = [*overrides, f"device={json.dumps(device)}"]
+    for name in names:  # every refusal before anything is trained or written
+        if collect:
+            if not (out_root / name).is_dir():
+                raise SpecError(f"{out_root / name}: no finished folder to re-read (train it without --collect)")
+        else:
+            load_spec(name, settings, quick=quick)
+    if not collect:
+        out_root.mkdir(parents=True, exist_ok=True)
     rows: dict[str, Row] = {}
     lines: dict[str, str] = {}
     torch.set_num_threads(threads)
@@ -157,12 +165,10 @@ def reproduce(
             log = out_root / f"{name}.wall.json"  # one file per preset: several reproduce processes may run at once
             if not collect:
                 say(f"[{time.strftime('%H:%M:%S')}] training {name} -> {folder}")
-                seconds = train_preset(
-                    name, folder, quick, threads, [*overrides, f"device={json.dumps(device)}"], workers
-                )
+                seconds = train_preset(name, folder, quick, threads, settings, workers)
                 record = {
                     "seconds": seconds,
-                    "where": where(device, threads, workers if (folder / "sweep.json").is_file() else 1),
+                    "where": where(device, threads, workers if (folder / sw.SWEEP_JSON).is_file() else 1),
                     "machine": machine,
                     "finished": time.strftime("%Y-%m-%d %H:%M"),
                 }
