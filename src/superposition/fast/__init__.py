@@ -30,13 +30,15 @@ The package by role (each module imports only those above it)::
                   training_batch, target
     kernels.py    the fused forward, the loss and its output gradient, the hand-derived backward (Forward, Grads)
     adam.py       schedule_multiplier, adam_update_
-    stepper.py    the whole step (train_step), compile set-up (own code objects, no guards, one graph or three,
-                  threads) and FastStepper
+    compiled.py   CompiledStepper: compile set-up (own code objects, no guards, fallback) and CUDA-graph replay of
+                  any whole step (the toy models' here, the SAEs' in superposition.sae.fast)
+    stepper.py    the whole step (train_step), one graph or three, threads, and FastStepper
 """
 
 from __future__ import annotations
 
 from superposition.fast.adam import ADAM_BETAS, ADAM_EPS, adam_update_, schedule_multiplier
+from superposition.fast.compiled import GUARD_FILTER, CompiledStepper
 from superposition.fast.config import SMALL_PRODUCT, FastConfig, fast_config
 from superposition.fast.engine import (
     COMPILE_SECONDS,
@@ -52,7 +54,6 @@ from superposition.fast.engine import (
 from superposition.fast.kernels import WIDE_HIDDEN, Forward, Grads, backward, forward, loss_and_grads
 from superposition.fast.sampling import M32, N_STREAMS, sample, stream_keys, target, training_batch, uniform
 from superposition.fast.stepper import (
-    GUARD_FILTER,
     PARALLEL_ELEMENTS,
     FastStepper,
     compiled_threads,
@@ -65,6 +66,7 @@ from superposition.fast.stepper import (
 __all__ = [
     "FastConfig",
     "FastStepper",
+    "CompiledStepper",
     "Grads",
     "fast_config",
     "choose_engine",

@@ -1,18 +1,14 @@
 """The whole step (draw, forward, backward, Adam) and :class:`FastStepper`, which compiles it (one graph or three,
-unguarded, on one thread for small steps) and on CUDA replays it as a captured graph."""
+on one thread for small steps) through :class:`superposition.fast.compiled.CompiledStepper`."""
 
 from __future__ import annotations
-
-import itertools
-import time
-import types
-import warnings
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from superposition.fast.adam import adam_update_, schedule_multiplier
+from superposition.fast.compiled import CompiledStepper
 from superposition.fast.config import SMALL_PRODUCT, FastConfig, fast_config
 from superposition.fast.kernels import Forward, backward, forward
 from superposition.fast.sampling import target, training_batch
@@ -89,28 +85,6 @@ def _step_with_batch(
     return x, fwd
 
 
-_CODE_TAGS = itertools.count()
-
-
-def _own_code(fn):
-    """``fn`` with a code object of its own: dynamo keeps its compiled graphs per code object (at most 8), and
-    every stepper's closures would otherwise share one, so a sweep of many shapes would fall back to eager."""
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_CODE_TAGS)}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-
-
-# torch.compile takes a guard filter from torch 2.8 on; older versions (pyproject allows 2.3) keep their guards.
-GUARD_FILTER = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
-
-
-def _no_guards(entries) -> list[bool]:
-    """Drop every guard of a stepper's compiled graphs: dynamo re-checks each input tensor's metadata on every call
-    (~20 us of a 0.27 ms step on config A). Nothing they check can change: each stepper compiles code objects of its
-    own (:func:`_own_code`), specialised to one FastConfig, and only :meth:`FastStepper.__call__` calls them, with
-    the same TrainState's dicts (fixed keys, shapes, dtypes, device; checkpoint loads copy in place), under no_grad."""
-    return [False] * len(entries)
-
-
 def single_graph(spec: Experiment) -> bool:
     """Whether the compiled step is one graph rather than three (draw, forward, update): for models whose every
     product is a fused loop (no BLAS call, see :func:`_mm`), the step is mostly the fixed cost of calling its graphs,
@@ -128,86 +102,63 @@ def compiled_threads(spec: Experiment) -> int:
     return 1 if elements < PARALLEL_ELEMENTS else 0
 
 
-class FastStepper:
+class FastStepper(CompiledStepper):
     """Runs :func:`train_step` compiled (and on CUDA replayed as one captured graph) against a TrainState.
 
     The stepper reads the state's tensors at every call, so checkpoint loads and dropped instances (which the
-    state applies in place) are seen. A compiled stepper belongs to one state: its graphs run unguarded
-    (:func:`_no_guards`), so it must always be called with dicts of the same keys, shapes, dtypes and device.
+    state applies in place) are seen. A compiled stepper belongs to one state (see :class:`CompiledStepper`).
     ``compile=False`` runs the same functions eagerly (tests, no compiler).
     """
 
     def __init__(self, spec: Experiment, *, compile: bool = True, cuda_graph: bool = True, threads: int | None = None):
+        super().__init__(
+            compile=compile, cuda_graph=cuda_graph, threads=threads if threads is not None else compiled_threads(spec)
+        )
         self.cfg = fast_config(spec)
-        self.compile = compile
-        self.cuda_graph = cuda_graph
-        self.threads = threads if threads is not None else compiled_threads(spec)
-        self.compile_seconds = 0.0
-        self._fn = None
-        self._graph = None
-        self._graph_key: tuple[int, ...] | None = None
-        self._graph_loss: Tensor | None = None
-        self._step: Tensor | None = None
-        self._device_step = -1
-        self._calls = 0
-        self.graphs: tuple = ()
         self.single_graph = single_graph(spec)
-        self.fallback = ""  # why compiling failed, when it did
 
-    def _function(self):
-        if self._fn is None:
-            cfg = self.cfg
-            if not self.compile:
+    def plain(self):
+        cfg = self.cfg
 
-                def step_fn(params, exp_avg, exp_avg_sq, step, tensors):
-                    return train_step(cfg, params, exp_avg, exp_avg_sq, step, tensors)
+        def step_fn(state, step, tensors):
+            return train_step(cfg, *state, step, tensors)
 
-                self._fn = step_fn
-                return step_fn
+        return step_fn
 
-            opts = {"cpp.threads": self.threads} if self.threads else {}
-            if GUARD_FILTER:
-                opts["guard_filter_fn"] = _no_guards
+    def compiled(self, build):
+        cfg = self.cfg
+        if self.single_graph:
 
-            def build(f):  # a fresh options dict per call: torch.compile pops guard_filter_fn from it
-                return torch.compile(_own_code(f), fullgraph=True, dynamic=False, options=dict(opts))
+            def whole(state, step, tensors):
+                x, fwd = _step_with_batch(cfg, *state, step, tensors)
+                return fwd.loss, x, fwd.grad_out, fwd.saved  # returned so that the compiler stores them once
 
-            if self.single_graph:
+            whole_c = build(whole)
+            self.graphs = (whole_c,)
+            return lambda state, step, tensors: whole_c(state, step, tensors)[0]
 
-                def whole(params, exp_avg, exp_avg_sq, step, tensors):
-                    x, fwd = _step_with_batch(cfg, params, exp_avg, exp_avg_sq, step, tensors)
-                    return fwd.loss, x, fwd.grad_out, fwd.saved  # returned so that the compiler stores them once
+        def draw(tensors, step, dtype):
+            return training_batch(cfg, tensors, step, dtype)
 
-                whole_c = build(whole)
-                self.graphs = (whole_c,)
-                self._fn = lambda params, exp_avg, exp_avg_sq, step, tensors: whole_c(
-                    params, exp_avg, exp_avg_sq, step, tensors
-                )[0]
-                return self._fn
+        def fwd_fn(params, tensors, x):
+            return tuple(forward_step(cfg, params, tensors, x))
 
-            def draw(tensors, step, dtype):
-                return training_batch(cfg, tensors, step, dtype)
+        def upd_fn(state, step, tensors, x, loss, grad_out, saved):
+            update_step(cfg, *state, step, tensors, x, Forward(loss, grad_out, saved))
 
-            def fwd_fn(params, tensors, x):
-                return tuple(forward_step(cfg, params, tensors, x))
+        # Three graphs, so that the batch, the output gradient and the activations are stored once: inside one
+        # graph the compiler inlines them into the products that read them (BLAS products included: their
+        # epilogues), recomputing them; measured 1.5x slower on D even with them returned as outputs.
+        draw_c, fwd_c, upd_c = (build(f) for f in (draw, fwd_fn, upd_fn))
+        self.graphs = (draw_c, fwd_c, upd_c)
 
-            def upd_fn(params, exp_avg, exp_avg_sq, step, tensors, x, loss, grad_out, saved):
-                update_step(cfg, params, exp_avg, exp_avg_sq, step, tensors, x, Forward(loss, grad_out, saved))
+        def compiled(state, step, tensors):
+            x = draw_c(tensors, step, cfg.compute_dtype)
+            loss, grad_out, saved = fwd_c(state[0], tensors, x)
+            upd_c(state, step, tensors, x, loss, grad_out, saved)
+            return loss
 
-            # Three graphs, so that the batch, the output gradient and the activations are stored once: inside one
-            # graph the compiler inlines them into the products that read them (BLAS products included: their
-            # epilogues), recomputing them; measured 1.5x slower on D even with them returned as outputs.
-            draw_c, fwd_c, upd_c = (build(f) for f in (draw, fwd_fn, upd_fn))
-            self.graphs = (draw_c, fwd_c, upd_c)
-
-            def compiled(params, exp_avg, exp_avg_sq, step, tensors):
-                x = draw_c(tensors, step, cfg.compute_dtype)
-                loss, grad_out, saved = fwd_c(params, tensors, x)
-                upd_c(params, exp_avg, exp_avg_sq, step, tensors, x, loss, grad_out, saved)
-                return loss
-
-            self._fn = compiled
-        return self._fn
+        return compiled
 
     def __call__(
         self,
@@ -218,77 +169,4 @@ class FastStepper:
         tensors: dict[str, Tensor],
     ) -> Float[Tensor, " inst"]:
         """Take the step numbered ``step`` (0-based) in place; returns the per-instance loss."""
-        device = next(iter(params.values())).device
-        if self._step is None or self._step.device != device:
-            self._step = torch.zeros((), dtype=torch.int64, device=device)
-            self._device_step = -1  # the value the device counter holds, when known
-        with torch.no_grad():
-            if self._graph is not None and self._key(params, exp_avg, exp_avg_sq, tensors) == self._graph_key:
-                if self._device_step != step:
-                    self._step.fill_(step)
-                self._graph.replay()
-                self._device_step = step + 1
-                return self._graph_loss
-            if self._device_step != step:  # the device counter already holds ``step`` after a step in sequence
-                self._step.fill_(step)
-            start = time.perf_counter()
-            if self._calls or not self.compile:
-                loss = self._function()(params, exp_avg, exp_avg_sq, self._step, tensors)
-            else:
-                loss = self._first_compiled_call(params, exp_avg, exp_avg_sq, tensors)
-            self._device_step = step + 1
-            if not self._calls and self.compile:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                self.compile_seconds = time.perf_counter() - start
-            self._calls += 1
-            if device.type == "cuda" and self.cuda_graph and self.compile:
-                self._capture(params, exp_avg, exp_avg_sq, tensors, step + 1)
-            return loss
-
-    def _first_compiled_call(self, params, exp_avg, exp_avg_sq, tensors) -> Tensor:
-        """Compile and take the first step; if compiling fails (building the compiled functions included), go on
-        with the same functions uncompiled.
-
-        Nothing is written before the last graph runs, so a failure leaves the state as it was. Importing the
-        compiler raises torch-internal DeprecationWarnings (and it gives tuning hints as UserWarnings), which must
-        not fail a caller that treats warnings as errors.
-        """
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", UserWarning)  # the compiler's tuning hints (e.g. TF32 on CUDA)
-                return self._function()(params, exp_avg, exp_avg_sq, self._step, tensors)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: the uncompiled step is the same math
-            self.fallback = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            self.compile, self._fn = False, None
-            return self._function()(params, exp_avg, exp_avg_sq, self._step, tensors)
-
-    @staticmethod
-    def _key(params, exp_avg, exp_avg_sq, tensors) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for d in (params, exp_avg, exp_avg_sq, tensors) for t in d.values())
-
-    def _capture(self, params, exp_avg, exp_avg_sq, tensors, next_step: int) -> None:
-        """Record one compiled step as a CUDA graph (its kernels do not run while recorded)."""
-        try:
-            fn = self._function()
-            graph = torch.cuda.CUDAGraph()
-            # Warm the compiled function on a side stream on copies, so the state is not advanced.
-            copies = [{k: v.clone() for k, v in d.items()} for d in (params, exp_avg, exp_avg_sq)]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                scratch = self._step.clone()
-                fn(*copies, scratch, tensors)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                loss = fn(params, exp_avg, exp_avg_sq, self._step, tensors)
-            self._graph, self._graph_loss = graph, loss
-            self._graph_key = self._key(params, exp_avg, exp_avg_sq, tensors)
-            self._device_step = next_step
-            self._step.fill_(next_step)
-        except Exception:  # noqa: BLE001 - graphs are an optimisation: keep the plain compiled step
-            self.cuda_graph = False
-            self._graph = None
-            self._step.fill_(next_step)
-            self._device_step = next_step
+        return self.run((params, exp_avg, exp_avg_sq), step, tensors)
