@@ -196,7 +196,7 @@ def test_schedule_on_device_equals_lr_multiplier(schedule):
     spec = _spec({"n_features": 4}, train={"schedule": schedule, "steps": 50, "warmup_steps": 7})
     cfg = fast.fast_config(spec)
     for step in (0, 1, 6, 7, 8, 25, 49):
-        got = float(fast.schedule_multiplier(cfg, torch.tensor(step)))
+        got = float(fast.schedule_multiplier(cfg.schedule, cfg.steps, cfg.warmup_steps, torch.tensor(step)))
         assert got == pytest.approx(lr_multiplier(schedule, step, 50, 7), abs=1e-12)
 
 

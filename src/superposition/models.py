@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -127,14 +128,19 @@ class ToyModel(nn.Module):
 
     def hidden(self, x: Float[Tensor, "batch inst feats"]) -> Float[Tensor, "batch inst hidden"]:
         """Hidden activations: h = W x for the bottlenecks, neuron activations otherwise (first MLP layer)."""
+        return self.hidden_last(x.permute(1, 2, 0)).permute(2, 0, 1)
+
+    def hidden_last(
+        self, x: Float[Tensor, "inst feats batch"], mm: Callable[[Tensor, Tensor], Tensor] = torch.matmul
+    ) -> Float[Tensor, "inst hidden batch"]:
+        """:meth:`hidden` on a feature-major batch (``mm``: the batched product, e.g. the fused engine's)."""
+        h = mm(self.encoder, x)
         if self.kind == "residual-mlp":
-            pre = torch.einsum("bif,ihf->bih", x, self.encoder)
             if hasattr(self, "b_in"):
-                pre = pre + self.b_in[:, 0]
-            return ACTIVATIONS[self.activations[0]](pre)
-        h = torch.einsum("bif,ihf->bih", x, self.encoder)
+                h = h + self.b_in[:, 0, :, None]
+            return ACTIVATIONS[self.activations[0]](h)
         if hasattr(self, "b_hidden"):
-            h = h + self.b_hidden
+            h = h + self.b_hidden[..., None]
         if self.kind in ("neuron", "mlp"):
             h = ACTIVATIONS[self.activations[0]](h)
         return h

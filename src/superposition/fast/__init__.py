@@ -51,7 +51,7 @@ from superposition.fast.engine import (
     compile_available,
     estimated_eager_seconds,
 )
-from superposition.fast.kernels import WIDE_HIDDEN, Forward, Grads, backward, forward, loss_and_grads
+from superposition.fast.kernels import WIDE_HIDDEN, Forward, Grads, backward, batched_mm, forward, loss_and_grads
 from superposition.fast.sampling import M32, N_STREAMS, sample, stream_keys, target, training_batch, uniform
 from superposition.fast.stepper import (
     PARALLEL_ELEMENTS,
@@ -95,6 +95,7 @@ __all__ = [
     "SMALL_PRODUCT",
     "WIDE_HIDDEN",
     "backward",
+    "batched_mm",
     "compiled_threads",
     "forward",
     "forward_step",

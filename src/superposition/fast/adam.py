@@ -9,26 +9,24 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from superposition.fast.config import FastConfig
-
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
 # -- optimiser ----------------------------------------------------------------------------------------------------
-def schedule_multiplier(cfg: FastConfig, step: Tensor) -> Tensor:
+def schedule_multiplier(schedule: str, steps: int, warmup_steps: int, step: Tensor) -> Tensor:
     """The learning-rate factor of a 0-based step, on the device (same values as train.lr_multiplier)."""
     t = step.to(torch.float64)
-    if cfg.schedule == "constant":
+    if schedule == "constant":
         return torch.ones_like(t)
-    if cfg.schedule == "linear":
-        return 1.0 - t / cfg.steps
-    if cfg.schedule == "cosine":
-        return torch.cos(t * (math.pi / (2 * max(cfg.steps - 1, 1))))
-    warm = max(cfg.warmup_steps, 1)
-    span = max(cfg.steps - cfg.warmup_steps - 1, 1)
-    cos = 0.5 * (1 + torch.cos((t - cfg.warmup_steps) * (math.pi / span)))
-    return torch.where(t < cfg.warmup_steps, (t + 1) / warm, cos)
+    if schedule == "linear":
+        return 1.0 - t / steps
+    if schedule == "cosine":
+        return torch.cos(t * (math.pi / (2 * max(steps - 1, 1))))
+    warm = max(warmup_steps, 1)
+    span = max(steps - warmup_steps - 1, 1)
+    cos = 0.5 * (1 + torch.cos((t - warmup_steps) * (math.pi / span)))
+    return torch.where(t < warmup_steps, (t + 1) / warm, cos)
 
 
 def adam_update_(

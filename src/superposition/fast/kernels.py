@@ -14,7 +14,7 @@ from superposition.fast.config import SMALL_PRODUCT, FastConfig
 
 
 # -- products -----------------------------------------------------------------------------------------------------
-def _mm(a: Tensor, b: Tensor) -> Tensor:
+def batched_mm(a: Tensor, b: Tensor) -> Tensor:
     """Batched a @ b over the instance dimension; products with a tiny factor as fused multiply-sums.
 
     With the batch innermost, a tiny left factor (weights times a batch) becomes a sum over a short outer loop,
@@ -101,11 +101,11 @@ def forward(
     if cfg.kind == "residual-mlp":
         return _residual_forward(cfg, params, x, y, importance, alive, w_e)
     enc, dec = _decoder(cfg, params)
-    pre_h = _mm(enc, x)  # (inst, hidden, batch)
+    pre_h = batched_mm(enc, x)  # (inst, hidden, batch)
     if cfg.bias_hidden:
         pre_h = pre_h + params["b_hidden"][:, :, None]
     h = _act(cfg.activations[0], pre_h) if cfg.kind in ("neuron", "mlp") else pre_h
-    pre_o = _mm(dec, h)  # (inst, feats, batch)
+    pre_o = batched_mm(dec, h)  # (inst, feats, batch)
     if cfg.bias_out:
         pre_o = pre_o + params["b_final"][:, :, None]
     if cfg.kind == "linear":
@@ -140,9 +140,9 @@ def backward(
     h = _act(cfg.activations[0], pre_h) if neurons else pre_h
     grads: dict[str, Tensor] = {}
     d_dec_t = _decoder_grad_t(h, dpre_o)  # (inst, hidden, feats)
-    dh = _mm(dec.transpose(-1, -2), dpre_o)  # (inst, hidden, batch)
+    dh = batched_mm(dec.transpose(-1, -2), dpre_o)  # (inst, hidden, batch)
     dpre_h = _act_grad(cfg.activations[0], pre_h, dh) if neurons else dh
-    d_enc = _mm(dpre_h, x.transpose(-1, -2))  # (inst, hidden, feats)
+    d_enc = batched_mm(dpre_h, x.transpose(-1, -2))  # (inst, hidden, feats)
     if cfg.tied:
         grads["W"] = d_enc + d_dec_t
     else:
@@ -169,8 +169,8 @@ def _decoder_grad_t(h: Tensor, dpre_o: Tensor) -> Tensor:
     bit for bit on the 100x40 and 400x30 shapes, not on 1000x2 or 126x10).
     """
     if h.shape[-2] >= WIDE_HIDDEN:
-        return _mm(h, dpre_o.transpose(-1, -2))
-    return _mm(dpre_o, h.transpose(-1, -2)).transpose(-1, -2)
+        return batched_mm(h, dpre_o.transpose(-1, -2))
+    return batched_mm(dpre_o, h.transpose(-1, -2)).transpose(-1, -2)
 
 
 def loss_and_grads(
@@ -209,7 +209,7 @@ def _residual_forward(
     for layer, act in enumerate(cfg.activations):
         w_in = params["W_in"][:, layer]  # (inst, hidden, embed)
         proj = torch.matmul(basis, w_in.transpose(-1, -2))  # (inst, k, hidden)
-        pre = _mm(proj.transpose(-1, -2), coef)  # (inst, hidden, batch)
+        pre = batched_mm(proj.transpose(-1, -2), coef)  # (inst, hidden, batch)
         if cfg.bias_hidden:
             pre = pre + params["b_in"][:, layer, :, None]
         a = _act(act, pre)
@@ -223,7 +223,7 @@ def _residual_forward(
         else:
             coef, basis = a, rows
     readout = torch.matmul(basis, w_e.transpose(-1, -2))  # (inst, k, feats)
-    out = _mm(readout.transpose(-1, -2), coef)  # (inst, feats, batch)
+    out = batched_mm(readout.transpose(-1, -2), coef)  # (inst, feats, batch)
     loss, dout = _loss_grad(cfg, out, y, importance, alive)
     return Forward(loss, dout, (coef, readout, *saved))
 
@@ -233,8 +233,8 @@ def _residual_backward(
 ) -> dict[str, Tensor]:
     assert w_e is not None
     dout, (coef, readout, *saved) = fwd.grad_out, fwd.saved
-    d_coef = _mm(readout, dout)  # (inst, k, batch)
-    d_basis = torch.matmul(_mm(coef, dout.transpose(-1, -2)), w_e)  # (inst, k, embed)
+    d_coef = batched_mm(readout, dout)  # (inst, k, batch)
+    d_basis = torch.matmul(batched_mm(coef, dout.transpose(-1, -2)), w_e)  # (inst, k, embed)
     g_in, g_out, g_bin, g_bout = [], [], [], []
     for layer in reversed(range(len(cfg.activations))):
         coef_l, basis_l, proj, pre = saved[4 * layer : 4 * layer + 4]
@@ -247,9 +247,9 @@ def _residual_backward(
         dpre = _act_grad(cfg.activations[layer], pre, da)
         if cfg.bias_hidden:
             g_bin.append(dpre.sum(-1))
-        d_proj = _mm(coef_l, dpre.transpose(-1, -2))  # (inst, k, hidden)
+        d_proj = batched_mm(coef_l, dpre.transpose(-1, -2))  # (inst, k, hidden)
         g_in.append(torch.matmul(d_proj.transpose(-1, -2), basis_l))  # (inst, hidden, embed)
-        d_coef_l = _mm(proj, dpre)  # (inst, k, batch)
+        d_coef_l = batched_mm(proj, dpre)  # (inst, k, batch)
         d_basis_l = torch.matmul(d_proj, params["W_in"][:, layer])  # (inst, k, embed)
         if cfg.skip:
             d_coef_l = d_coef_l + d_coef[:, :k_prev]

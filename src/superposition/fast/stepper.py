@@ -49,7 +49,7 @@ def update_step(
     """The second half: gradients from the forward result, then Adam in place (float32), then ``step += 1``."""
     p, w_e = _compute(cfg, params, tensors)
     grads = backward(cfg, p, x, fwd, w_e)
-    lr = tensors["lr"].to(torch.float64) * schedule_multiplier(cfg, step)
+    lr = tensors["lr"].to(torch.float64) * schedule_multiplier(cfg.schedule, cfg.steps, cfg.warmup_steps, step)
     adam_update_(params, grads, exp_avg, exp_avg_sq, step, lr, tensors["weight_decay"], cfg.decoupled)
     step.add_(1)
 

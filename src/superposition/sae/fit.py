@@ -13,11 +13,20 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from superposition.data import make_sampler
+from superposition.fast import stream_keys
 from superposition.models import ToyModel
 from superposition.progress import Progress, make_bar
+from superposition.sae.fast import (
+    SAE_PARALLEL_ELEMENTS,
+    SaeStatic,
+    SaeStepper,
+    choose_sae_engine,
+    sae_data_config,
+    sae_step,
+)
 from superposition.sae.model import SparseAutoencoder, batch_last
 from superposition.spec import Experiment, SaeSpec
-from superposition.train import AdamState, TrainingDiverged, adam_step_, lr_multiplier
+from superposition.train import AdamState, TrainingDiverged
 
 __all__ = ["Fitted", "fit_sae", "resample_dead_"]
 
@@ -101,6 +110,10 @@ class Fitted(NamedTuple):
     history: pd.DataFrame
     resamples: pd.DataFrame
     seconds: float
+    engine: str = "eager"
+    """The engine that took the steps (fast, fast-uncompiled or eager)."""
+    compile_seconds: float = 0.0
+    """Of ``seconds``, the first step's compiling (fast engine)."""
 
 
 def _long(step: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,60 +146,63 @@ def fit_sae(
     """Train every SAE on fresh activations ``toy.hidden(x)``, x from the run's own data distribution.
 
     Adam (per-instance lr, as the toy models), decoder renormalised after each step where the architecture needs
-    it, dead latents (not fired in ``resample_window`` steps) resampled every ``resample_every`` steps.
+    it, dead latents (not fired in ``resample_window`` steps) resampled every ``resample_every`` steps. The step
+    is :func:`superposition.sae.fast.sae_step`, fused and compiled or plain (``spec.engine``, see
+    :func:`~superposition.sae.fast.choose_sae_engine`); the engine used is in ``Fitted.engine``.
     """
     dev = sae.W_dec.device
-    sampler = make_sampler(run_spec, dev, torch.float32)
+    sampler = make_sampler(run_spec, dev, torch.float32)  # resampling's inputs (outside the hot loop)
     gen = torch.Generator(device=dev)
     gen.manual_seed(spec.seed * 7919 + 104_729)
-    params = dict(sae.named_parameters())
-    adam = AdamState.zeros_like({k: v.detach() for k, v in params.items()})
     inst, m, s = sae.n_instances, sae.n_sae, sae.d_sae
-    lr = torch.full((inst,), spec.lr, device=dev)
-    wd = torch.zeros(inst, device=dev)
+    choice = choose_sae_engine(spec, inst, m, dev)
+    eager = choice.engine == "eager"
+    live = dict(sae.named_parameters())
+    params = live if eager else {k: v.detach() for k, v in live.items()}  # views: the fused step updates in place
+    adam = AdamState.zeros_like({k: v.detach() for k, v in live.items()})
+    counters = {"since": torch.zeros((inst, m, s), dtype=torch.long, device=dev)}
+    if sae.architecture == "batchtopk":
+        counters["threshold"] = sae.threshold
+    state = (params, adam.exp_avg, adam.exp_avg_sq, counters)
+    tensors = {
+        "sparsity": sae.sparsity,
+        "lr": torch.full((inst,), spec.lr, device=dev),
+        "weight_decay": torch.zeros(inst, device=dev),
+        "probability": sampler.probability,
+        "keys": stream_keys(spec.seed * 7919 + 104_729, dev),
+    }
+    warmup = max(1, spec.steps // 20) if spec.schedule == "warmup-cosine" else 0
+    static = SaeStatic(sae.settings, sae_data_config(run_spec, spec), toy, spec.schedule, spec.steps, warmup)
+    stepper = None
+    if not eager:
+        threads = 1 if inst * m * s * spec.batch_size < SAE_PARALLEL_ELEMENTS else 0
+        stepper = SaeStepper(static, compile=choice.engine == "fast", threads=threads)
+    step_t = torch.zeros((), dtype=torch.int64, device=dev)
     methods = [g["resample_method"] for g in sae.grid]
     resampling = torch.tensor([r != "none" for r in methods], device=dev)
     loss_weighted = torch.tensor([r == "loss-weighted" for r in methods], device=dev)
-    since = torch.zeros((inst, m, s), dtype=torch.long, device=dev)
-    warmup = max(1, spec.steps // 20) if spec.schedule == "warmup-cosine" else 0
     toy.eval()
     history: list[dict[str, np.ndarray]] = []
     resamples: list[dict[str, np.ndarray]] = []
-    bar = make_bar(progress, total=spec.steps, desc=f"sae {sae.architecture}", unit="step")
+    bar = make_bar(progress, total=spec.steps, desc=f"sae {sae.architecture} [{choice.engine}]", unit="step")
     start = time.perf_counter()
-    for step in range(spec.steps):
-        with torch.no_grad():
-            h = toy.hidden(sampler.sample(spec.batch_size, gen)).float()
-        terms = sae.loss(h)
-        grads = torch.autograd.grad(terms.total.sum(), list(params.values()))
-        mult = lr_multiplier(spec.schedule, step, spec.steps, warmup)
-        adam_step_(
-            {k: v.data for k, v in params.items()},
-            dict(zip(params, grads, strict=True)),
-            adam,
-            lr * mult,
-            wd,
-            decoupled=False,
-        )
-        done = step + 1
-        with torch.no_grad():
-            if sae.normalize:
-                sae.normalize_decoder_()
-            out = terms.output
-            fired = (out.z > 0).any(-1)
-            since = torch.where(fired, torch.zeros_like(since), since + 1)
-            if out.kept_min is not None:
-                sae.update_threshold_(out.kept_min)
+    with torch.no_grad():
+        for step in range(spec.steps):
+            if stepper is None:
+                step_t.fill_(step)
+                out = sae_step(static, state, step_t, tensors, functional=False)
+            else:
+                out = stepper(state, step, tensors)
+            done = step + 1
             if step % spec.log_every == 0 or done == spec.steps:
-                total = terms.total.detach()
-                if not bool(torch.isfinite(total).all()):
-                    bad = (~torch.isfinite(total)).any(-1).nonzero().flatten().tolist()
+                if not bool(torch.isfinite(out.total).all()):
+                    bad = (~torch.isfinite(out.total)).any(-1).nonzero().flatten().tolist()
                     raise TrainingDiverged(step, bad)
                 row = {
-                    "loss": total.cpu().double().numpy(),
-                    "mse": terms.mse.detach().cpu().double().numpy(),
-                    "l0": (out.z > 0).sum(-2).double().mean(-1).cpu().numpy(),
-                    "dead": (since >= spec.resample_window).sum(-1).cpu().numpy().astype(np.int64),
+                    "loss": out.total.cpu().double().numpy(),
+                    "mse": out.mse.cpu().double().numpy(),
+                    "l0": out.l0.cpu().double().numpy(),
+                    "dead": (counters["since"] >= spec.resample_window).sum(-1).cpu().numpy().astype(np.int64),
                 }
                 history.append(_long(step, row))
                 if bar is not None:  # means over instances and SAE settings
@@ -194,19 +210,24 @@ def fit_sae(
                         f"loss={row['loss'].mean():.3g} L0={row['l0'].mean():.3g} dead={row['dead'].mean():.3g}"
                     )
             if spec.resample_every and done % spec.resample_every == 0 and done < spec.steps:
-                dead = (since >= spec.resample_window) & resampling[None, :, None]
+                dead = (counters["since"] >= spec.resample_window) & resampling[None, :, None]
                 if bool(dead.any()):
                     fresh = toy.hidden(sampler.sample(spec.batch_size, gen)).float()
                     n = resample_dead_(sae, adam, dead, loss_weighted, fresh, gen, spec.resample_scale)
-                    since = torch.where(dead, torch.zeros_like(since), since)
+                    counters["since"].masked_fill_(dead, 0)
                     resamples.append(_long(done, {"resampled": n.cpu().numpy().astype(np.int64)}))
-        if bar is not None:
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
+    engine = choice.engine
+    if stepper is not None and choice.engine == "fast" and not stepper.compile:
+        engine = f"fast-uncompiled (torch.compile failed: {stepper.fallback})"
     return Fitted(
         _frame(history, ["step", "instance", "sae", "loss", "mse", "l0", "dead"]),
         _frame(resamples, ["step", "instance", "sae", "resampled"]),
         seconds,
+        engine,
+        stepper.compile_seconds if stepper is not None else 0.0,
     )

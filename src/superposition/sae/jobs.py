@@ -79,6 +79,7 @@ def train_sae(
         "n_sae": sae.n_sae,
         "d_in": d_in,
         "train_seconds": round(fitted.seconds, 3),
+        "engine": fitted.engine,
     }
     return Sae(one, sae, scores.table, scores.features, scores.latents, fitted.history, fitted.resamples, meta)
 

@@ -28,6 +28,7 @@ The SAE's forward pass and loss live here; fitting is :mod:`superposition.sae.fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -38,6 +39,13 @@ from superposition.spec import SAE_SPARSITY_FIELD, SaeSpec, SpecError
 
 __all__ = [
     "SparseAutoencoder",
+    "SaeSettings",
+    "sae_forward",
+    "sae_loss",
+    "decoder",
+    "encoder",
+    "normalize_rows_",
+    "update_threshold_",
     "SaeOutput",
     "SaeLoss",
     "jumprelu",
@@ -54,54 +62,23 @@ def rectangle(u: Tensor) -> Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
-def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
-    """Sum a broadcast gradient back to ``shape`` (leading dims, then dims of size 1)."""
-    while t.dim() > len(shape):
-        t = t.sum(0)
-    for d, n in enumerate(shape):
-        if n == 1 and t.shape[d] != 1:
-            t = t.sum(d, keepdim=True)
-    return t
-
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return pre * (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        pre, theta = ctx.saved_tensors
-        eps = ctx.eps
-        grad_pre = grad * (pre > theta).to(grad.dtype)
-        grad_theta = -(theta / eps) * rectangle((pre - theta) / eps) * grad
-        return grad_pre, _sum_to(grad_theta, theta.shape), None
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        pre, theta = ctx.saved_tensors
-        grad_theta = -(1.0 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
-        return torch.zeros_like(pre), _sum_to(grad_theta, theta.shape), None
+def _through_theta(theta: Tensor, slope: Tensor) -> Tensor:
+    """Zero in value, with gradient ``slope`` (summed over the batch) with respect to theta: the straight-through
+    term. Written with detach rather than an autograd.Function so that torch.func.grad and torch.compile trace it."""
+    t = theta * slope.detach()
+    return t - t.detach()
 
 
 def jumprelu(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
     """pre * H(pre - theta), with the straight-through rectangle-kernel gradient for theta."""
-    return _JumpReLU.apply(pre, theta, eps)
+    kernel = rectangle((pre - theta) / eps)
+    return pre * (pre > theta).to(pre.dtype) + _through_theta(theta, -(theta / eps) * kernel)
 
 
 def step_function(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
     """H(pre - theta) (the L0 count), with the straight-through rectangle-kernel gradient for theta only."""
-    return _Step.apply(pre, theta, eps)
+    kernel = rectangle((pre.detach() - theta) / eps)
+    return (pre > theta).to(pre.dtype).detach() + _through_theta(theta, -(1.0 / eps) * kernel)
 
 
 # -- the module -----------------------------------------------------------------------------------------------------
@@ -188,16 +165,23 @@ class SparseAutoencoder(nn.Module):
             self.register_buffer("threshold", torch.full((inst, m), float("nan")))
 
     @property
+    def settings(self) -> SaeSettings:
+        """The static settings of the forward pass and loss."""
+        return SaeSettings(self.architecture, self.tied, self.normalize, self.bandwidth)
+
+    def params(self) -> dict[str, Tensor]:
+        """The parameters by name (the tensors themselves)."""
+        return dict(self.named_parameters())
+
+    @property
     def encoder(self) -> Float[Tensor, "inst sae hidden d_sae"]:
         """W_enc, or the decoder's transpose when tied (unit-norm rows where the decoder keeps them)."""
-        return self.decoder.transpose(-1, -2) if self.tied else self.W_enc
+        return encoder(self.settings, self.params())
 
     @property
     def decoder(self) -> Float[Tensor, "inst sae d_sae hidden"]:
         """Decoder rows as used in the forward pass (unit norm when the architecture keeps them so)."""
-        if self.normalize:
-            return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return self.W_dec
+        return decoder(self.settings, self.params())
 
     @property
     def theta(self) -> Float[Tensor, "inst sae d_sae"]:
@@ -207,63 +191,123 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale the stored decoder rows to unit norm (keeps Adam's parameter scale steady)."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.W_dec)
 
     def forward(self, h: Float[Tensor, "batch inst hidden"], *, inference: bool = False) -> SaeOutput:
         """Encode and decode a batch of activations with every SAE (``inference``: batchtopk uses its threshold)."""
-        x = batch_last(h)[:, None] - self.b_dec[..., None]  # (inst, sae, hidden, batch)
-        xw = torch.matmul(self.encoder.transpose(-1, -2), x)
-        pre = xw + self.b_enc[..., None]
-        kept_min = None
-        arch = self.architecture
-        if arch == "relu":
-            z = torch.relu(pre)
-        elif arch == "topk":
-            z = _top_per_sample(pre, self.sparsity.round().long())
-        elif arch == "batchtopk":
-            if inference:
-                theta = torch.nan_to_num(self.threshold, nan=0.0)[..., None, None]
-                z = torch.relu(pre) * (pre > theta).to(pre.dtype)
-            else:
-                z, kept_min = _top_per_batch(pre, self.sparsity)
-        elif arch == "jumprelu":
-            z = jumprelu(pre, self.theta[..., None], self.bandwidth)
-        else:  # gated: the gate decides which latents fire, the magnitude path how strongly
-            mag = xw * self.r_mag.exp()[..., None] + self.b_mag[..., None]
-            z = (pre > 0).to(pre.dtype) * torch.relu(mag)
-        recon = torch.matmul(self.decoder.transpose(-1, -2), z) + self.b_dec[..., None]
-        return SaeOutput(pre, z, recon, kept_min)
+        threshold = self.threshold if self.architecture == "batchtopk" else None
+        return sae_forward(self.settings, self.params(), self.sparsity, batch_last(h), threshold, inference)
 
     def loss(self, h: Float[Tensor, "batch inst hidden"], out: SaeOutput | None = None) -> SaeLoss:
         """Per-SAE training loss: mse + lambda * penalty (+ the gated auxiliary term), batch-averaged."""
-        out = self(h) if out is None else out
-        target = batch_last(h)[:, None]  # (inst, 1, hidden, batch)
-        mse = (out.recon - target).square().mean(-2)  # (inst, sae, batch)
-        arch = self.architecture
-        if arch == "relu":
-            penalty = out.z.sum(-2)  # z >= 0, so this is the L1 norm
-        elif arch == "jumprelu":
-            penalty = step_function(out.pre, self.theta[..., None], self.bandwidth).sum(-2)
-        elif arch == "gated":
-            gate = torch.relu(out.pre)
-            penalty = gate.sum(-2)
-            frozen = torch.matmul(self.decoder.detach().transpose(-1, -2), gate) + self.b_dec.detach()[..., None]
-            mse_aux = (frozen - target).square().mean(-2)
-        else:
-            penalty = torch.zeros_like(mse)
-        total = mse + self.sparsity[:, None] * penalty
-        if arch == "gated":
-            total = total + mse_aux
-        return SaeLoss(total.mean(-1), mse.mean(-1), penalty.mean(-1), out)
+        return sae_loss(self.settings, self.params(), self.sparsity, batch_last(h), out)
 
     @torch.no_grad()
     def update_threshold_(self, kept_min: Tensor, momentum: float = 0.99) -> None:
         """batchtopk: fold one batch's smallest kept activation into the running inference threshold."""
-        ok = torch.isfinite(kept_min)
-        first = torch.isnan(self.threshold)
-        mixed = momentum * self.threshold + (1 - momentum) * kept_min
-        new = torch.where(first, kept_min, mixed)
-        self.threshold.copy_(torch.where(ok, new, self.threshold))
+        update_threshold_(self.threshold, kept_min, momentum)
+
+
+# -- the forward pass and the loss, as functions of the parameters (the module and the fused step share them) ---------
+class SaeSettings(NamedTuple):
+    """What fixes the program of an SAE's forward pass and loss (everything else is a tensor)."""
+
+    architecture: str
+    tied: bool
+    normalize: bool
+    bandwidth: float
+
+
+def decoder(s: SaeSettings, p: dict[str, Tensor]) -> Float[Tensor, "inst sae d_sae hidden"]:
+    """Decoder rows as used in the forward pass (unit norm when the architecture keeps them so)."""
+    w = p["W_dec"]
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12) if s.normalize else w
+
+
+def encoder(s: SaeSettings, p: dict[str, Tensor]) -> Float[Tensor, "inst sae hidden d_sae"]:
+    """W_enc, or the decoder's transpose when tied."""
+    return decoder(s, p).transpose(-1, -2) if s.tied else p["W_enc"]
+
+
+def normalize_rows_(w: Tensor) -> None:
+    """Rescale the last-dimension rows of ``w`` to unit norm, in place."""
+    w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def sae_forward(
+    s: SaeSettings,
+    p: dict[str, Tensor],
+    sparsity: Float[Tensor, " sae"],
+    h: Float[Tensor, "inst hidden batch"],
+    threshold: Float[Tensor, "inst sae"] | None = None,
+    inference: bool = False,
+    mm: Callable[[Tensor, Tensor], Tensor] = torch.matmul,
+) -> SaeOutput:
+    """Encode and decode batch-last activations with every SAE (``inference``: batchtopk uses ``threshold``).
+
+    ``mm`` is the batched product: torch.matmul here, fused multiply-sums in the compiled step (where a BLAS call
+    on the strided tiny factors costs ~100x the work)."""
+    x = h[:, None] - p["b_dec"][..., None]  # (inst, sae, hidden, batch)
+    xw = mm(encoder(s, p).transpose(-1, -2), x)
+    pre = xw + p["b_enc"][..., None]
+    kept_min = None
+    arch = s.architecture
+    if arch == "relu":
+        z = torch.relu(pre)
+    elif arch == "topk":
+        z = _top_per_sample(pre, sparsity.round().long())
+    elif arch == "batchtopk":
+        if inference:
+            theta = torch.nan_to_num(threshold, nan=0.0)[..., None, None]
+            z = torch.relu(pre) * (pre > theta).to(pre.dtype)
+        else:
+            z, kept_min = _top_per_batch(pre, sparsity)
+    elif arch == "jumprelu":
+        z = jumprelu(pre, p["log_threshold"].exp()[..., None], s.bandwidth)
+    else:  # gated: the gate decides which latents fire, the magnitude path how strongly
+        mag = xw * p["r_mag"].exp()[..., None] + p["b_mag"][..., None]
+        z = (pre > 0).to(pre.dtype) * torch.relu(mag)
+    recon = mm(decoder(s, p).transpose(-1, -2), z) + p["b_dec"][..., None]
+    return SaeOutput(pre, z, recon, kept_min)
+
+
+def sae_loss(
+    s: SaeSettings,
+    p: dict[str, Tensor],
+    sparsity: Float[Tensor, " sae"],
+    h: Float[Tensor, "inst hidden batch"],
+    out: SaeOutput | None = None,
+    mm: Callable[[Tensor, Tensor], Tensor] = torch.matmul,
+) -> SaeLoss:
+    """Per-SAE training loss on batch-last activations: mse + lambda * penalty (+ gated's auxiliary term)."""
+    out = sae_forward(s, p, sparsity, h, mm=mm) if out is None else out
+    target = h[:, None]  # (inst, 1, hidden, batch)
+    mse = (out.recon - target).square().mean(-2)  # (inst, sae, batch)
+    arch = s.architecture
+    if arch == "relu":
+        penalty = out.z.sum(-2)  # z >= 0, so this is the L1 norm
+    elif arch == "jumprelu":
+        penalty = step_function(out.pre, p["log_threshold"].exp()[..., None], s.bandwidth).sum(-2)
+    elif arch == "gated":
+        gate = torch.relu(out.pre)
+        penalty = gate.sum(-2)
+        frozen = mm(decoder(s, p).detach().transpose(-1, -2), gate) + p["b_dec"].detach()[..., None]
+        mse_aux = (frozen - target).square().mean(-2)
+    else:
+        penalty = torch.zeros_like(mse)
+    total = mse + sparsity[:, None] * penalty
+    if arch == "gated":
+        total = total + mse_aux
+    return SaeLoss(total.mean(-1), mse.mean(-1), penalty.mean(-1), out)
+
+
+def update_threshold_(threshold: Float[Tensor, "inst sae"], kept_min: Tensor, momentum: float = 0.99) -> None:
+    """batchtopk: fold one batch's smallest kept activation into the running inference threshold, in place."""
+    ok = torch.isfinite(kept_min)
+    first = torch.isnan(threshold)
+    mixed = momentum * threshold + (1 - momentum) * kept_min
+    new = torch.where(first, kept_min, mixed)
+    threshold.copy_(torch.where(ok, new, threshold))
 
 
 def batch_last(h: Float[Tensor, "batch inst hidden"]) -> Float[Tensor, "inst hidden batch"]:
@@ -271,23 +315,29 @@ def batch_last(h: Float[Tensor, "batch inst hidden"]) -> Float[Tensor, "inst hid
 
 
 def _top_per_sample(pre: Tensor, k: Tensor) -> Tensor:
-    """ReLU of the k largest pre-activations of each sample (k per SAE), zero elsewhere."""
+    """ReLU of the k largest pre-activations of each sample (k per SAE), zero elsewhere.
+
+    Written as a threshold (the k-th largest value of each sample, from one topk call) and a comparison, so that the
+    compiled step stores the threshold once: a mask built inside the fused products is recomputed in each of their
+    loops (4x slower at d_sae 5). An exact tie at the threshold keeps every tied latent."""
     kmax = int(k.max())
-    vals, idx = pre.topk(kmax, dim=-2)  # (inst, sae, kmax, batch)
-    keep = torch.arange(kmax, device=pre.device) < k[:, None]  # (sae, kmax)
-    return torch.zeros_like(pre).scatter(-2, idx, torch.relu(vals) * keep[..., None])
+    vals = pre.detach().topk(kmax, dim=-2).values  # (inst, sae, kmax, batch), descending
+    pick = (k - 1).clamp_min(0)[None, :, None, None].expand(pre.shape[0], -1, 1, pre.shape[-1])
+    kth = vals.gather(-2, pick)  # (inst, sae, 1, batch)
+    return torch.where(pre >= kth, torch.relu(pre), 0.0)
 
 
 def _top_per_batch(pre: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-    """ReLU of the round(k * batch) largest pre-activations of the whole batch of each SAE, zero elsewhere."""
+    """ReLU of the round(k * batch) largest pre-activations of the whole batch of each SAE, zero elsewhere, and the
+    smallest positive kept value (NaN when none is positive). A threshold and a comparison, as :func:`_top_per_sample`
+    (an exact tie at the threshold keeps every tied value)."""
     i, m, s, b = pre.shape
-    flat = pre.reshape(i, m, s * b)
+    flat = pre.detach().reshape(i, m, s * b)
     n_keep = (k * b).round().long().clamp(1, b * s)
-    kmax = int(n_keep.max())
-    vals, idx = flat.topk(kmax, dim=-1)
-    keep = torch.arange(kmax, device=pre.device) < n_keep[:, None]
-    kept = torch.relu(vals) * keep
-    z = torch.zeros_like(flat).scatter(-1, idx, kept).reshape(i, m, s, b)
-    positive = keep & (vals > 0)
-    kept_min = torch.where(positive, vals.detach(), torch.full_like(vals, float("inf"))).amin(-1)
-    return z, torch.where(torch.isinf(kept_min), torch.full_like(kept_min, float("nan")), kept_min)
+    vals = flat.topk(int(n_keep.max()), dim=-1).values  # (inst, sae, kmax), descending
+    kth = vals.gather(-1, (n_keep - 1)[None, :, None].expand(i, -1, 1))[..., None]  # (inst, sae, 1, 1)
+    keep = pre >= kth
+    z = torch.where(keep, torch.relu(pre), 0.0)
+    positive = keep.detach() & (pre.detach() > 0)
+    kept_min = torch.where(positive, pre.detach(), torch.inf).amin((-2, -1))
+    return z, torch.where(torch.isinf(kept_min), torch.nan, kept_min)

@@ -73,6 +73,8 @@ class SaeSpec(StrictSection):
     """Fresh samples used for the scores."""
     seed: int = Field(0, ge=0, le=2**31 - 1)
     """Seed of the SAE initialisation and of its data stream."""
+    engine: Literal["auto", "fast", "eager"] = "auto"
+    """fast: the compiled fused step; eager: plain autograd (the reference); auto: fast where compiling pays back."""
 
     @model_validator(mode="after")
     def _check(self) -> SaeSpec:
