@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LINTED := src tests $(wildcard benchmarks scripts)
+LINTED := src tests $(wildcard benchmarks scripts examples)
 
 .PHONY: demo test lint format clean venv
 

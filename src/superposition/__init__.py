@@ -22,7 +22,7 @@ _EXPORTS = {
     "run": "superposition.runs",
     "save_run": "superposition.runs",
     "load_run": "superposition.runs",
-    "load_sae": "superposition.sae",
+    "load_sae": "superposition.runs",  # through runs, which binds the notebook views of Run and Sae
     "Sweep": "superposition.sweep",
     "load_sweep": "superposition.sweep",
 }
@@ -49,10 +49,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors only (redu
     from superposition.models import build_model as build_model
     from superposition.runs import Run as Run
     from superposition.runs import load_run as load_run
+    from superposition.runs import load_sae as load_sae
     from superposition.runs import run as run
     from superposition.runs import save_run as save_run
     from superposition.runs import train as train
-    from superposition.sae import load_sae as load_sae
     from superposition.spec import Experiment as Experiment
     from superposition.spec import SpecError as SpecError
     from superposition.spec import load_spec as load_spec

@@ -86,14 +86,12 @@ def _load(spec: str, overrides: list[str] | None, quick: bool, device: str | Non
 
 def _summary(run) -> str:
     """A compact per-instance table: grid settings, represented features and final loss."""
-    df = run.instances
-    axes = list(run.spec.instances.axes)
-    cols = [c for c in axes + ["n_represented", "loss"] if c in df.columns]
-    if len(axes) == 2 and "n_represented" in df.columns and "seed" not in axes:
-        pivot = df.pivot_table(index=axes[0], columns=axes[1], values="n_represented", aggfunc="first")
-        pivot = pivot.sort_index(ascending=False)
-        return f"represented features (norm > 0.5) by {axes[0]} (rows) and {axes[1]} (columns):\n{pivot.to_string()}"
-    return df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    from superposition.views import headline
+
+    caption, table = headline(run)
+    if caption is not None:
+        return f"{caption}:\n{table.to_string()}"
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 @app.command("run")
@@ -530,23 +528,10 @@ def _interruptible(target: Path, experiment):
     start = time.time()
     try:
         yield
-    except KeyboardInterrupt:
-        from superposition.folder import normal, work_dir
-        from superposition.record import interrupted_step, partial_complete
+    except KeyboardInterrupt:  # also runs.RunInterrupted, worded for the library: reworded for the command line
+        from superposition.runs import interrupted_message
 
-        step, work, every = interrupted_step(target), work_dir(target), experiment.train.checkpoint_every
-        config = normal(target) / "config.json"
-        if partial_complete(target):  # killed while publishing: the run is complete in its working folder
-            kept = f"the run is complete; put it in place with: superposition resume {target}"
-        elif not work.exists() and config.is_file() and config.stat().st_mtime >= start:
-            kept = f"the run was written to {target} (only its clean-up or SAEs were cut short)"
-        elif step is not None:
-            kept = f"checkpoint at step {step} kept; continue with: superposition resume {target}"
-        elif every:
-            kept = f"nothing kept (interrupted before the first checkpoint, at step {every})"
-        else:
-            kept = "nothing kept (no train.checkpoint_every; --set train.checkpoint_every=N makes a run resumable)"
-        raise _Fail(f"interrupted; {kept}", 130) from None
+        raise _Fail(interrupted_message(target, experiment, start), 130) from None
 
 
 def _terminal_bar(*, total: int, initial: int = 0, desc: str = "", unit: str = "it"):

@@ -3,8 +3,9 @@
 Every long-running library call (``train_model``, ``fit_sae``, ``sweep.execute`` and the jobs above them) takes
 ``progress``: ``None``/``False`` for silence, or a :data:`BarFactory` -- a callable ``(total, initial, desc, unit)``
 returning an object with ``update(n)``, ``set_postfix_str(text)`` and ``close()`` (a tqdm bar has all three). The
-command line passes its terminal bar; a notebook passes tqdm's notebook bar. ``True`` is a shortcut for
-:func:`tqdm_bar`, the terminal bar, for library users who want one without writing a factory.
+command line passes its terminal bar; a notebook passes :func:`notebook_bar` (tqdm's widget bar). ``True`` is a
+shortcut for :func:`tqdm_bar`, tqdm's automatic bar (the widget in a notebook with ipywidgets, else text), for library
+users who want one without writing a factory.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
-__all__ = ["Bar", "BarFactory", "LineBar", "Progress", "make_bar", "tqdm_bar"]
+__all__ = ["Bar", "BarFactory", "LineBar", "Progress", "make_bar", "notebook_bar", "tqdm_bar"]
 
 
 class Bar(Protocol):
@@ -39,6 +40,20 @@ def tqdm_bar(*, total: int, initial: int = 0, desc: str = "", unit: str = "it") 
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+
+def notebook_bar(*, total: int, initial: int = 0, desc: str = "", unit: str = "it") -> Bar:
+    """A bar for a notebook cell: tqdm's widget bar where ipywidgets is installed (``pip install
+    'superposition[notebook]'``), else tqdm's text bar on stderr (which a notebook shows too); transient as well."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as widget_bar
+
+        return widget_bar(total=total, initial=initial, desc=desc, unit=unit, leave=False)
+    from tqdm.std import tqdm as text_bar
+
+    return text_bar(total=total, initial=initial, desc=desc, unit=unit, leave=False, file=sys.stderr)
 
 
 def make_bar(progress: Progress, *, total: int, initial: int = 0, desc: str = "", unit: str = "it") -> Bar | None:

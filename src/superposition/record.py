@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from superposition.display import Displayable
 from superposition.folder import (
     MAX_CONFIG_BYTES,
     MAX_TABLE_BYTES,
@@ -69,8 +70,11 @@ SPEC_MARKER = "spec.json"  # in .NAME.partial: the spec being trained (what resu
 
 
 @dataclass
-class Run:
-    """A trained run: spec, model, per-step history and the per-instance table."""
+class Run(Displayable):
+    """A trained run: spec, model, per-step history and the per-instance table.
+
+    In a notebook it shows an HTML summary; ``figure(name)`` / ``figures()`` give the report's figures (drawn by
+    :mod:`superposition.views`, bound when it is imported: see :mod:`superposition.display`)."""
 
     spec: Experiment
     model: ToyModel

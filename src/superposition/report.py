@@ -43,6 +43,7 @@ __all__ = [
     "find_browser",
     "ExportUnavailable",
     "IMAGE_FORMATS",
+    "FIGURE_CONFIG",
 ]
 
 
@@ -102,7 +103,12 @@ document.querySelectorAll('table.data').forEach(function(t){
 });
 """
 
-_FIGURE_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
+FIGURE_CONFIG: dict[str, Any] = {
+    "displaylogo": False,
+    "responsive": True,
+    "toImageButtonOptions": {"format": "png", "scale": 2},
+}
+"""The plotly config of every embedded figure (the report's and the notebook's)."""
 
 
 def _anchor(i: int) -> str:
@@ -111,7 +117,7 @@ def _anchor(i: int) -> str:
 
 def _figure_html(fig: go.Figure, div_id: str, nonce: str) -> str:
     # plotly writes the figure as JSON with "<", ">" and "/" escaped, so no data can close the script element.
-    out = fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=_FIGURE_CONFIG)
+    out = fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config=FIGURE_CONFIG)
     return re.sub(r"<script\b", f'<script nonce="{nonce}"', out)
 
 

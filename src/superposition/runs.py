@@ -5,12 +5,24 @@ The folder itself (its files, writing and reading) is :mod:`superposition.record
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
+from superposition import views  # noqa: F401 -- binds the notebook presenters of Run and Sae
 from superposition.claims import claim_line
-from superposition.folder import RUN, RUN_WORK, check_target, fresh_workdir, normal, publish, remove_owned, work_dir
+from superposition.folder import (
+    RUN,
+    RUN_FILE_NAMES,
+    RUN_WORK,
+    check_target,
+    fresh_workdir,
+    normal,
+    publish,
+    remove_owned,
+    work_dir,
+)
 from superposition.progress import Progress
 from superposition.record import (
     CHECKPOINT,
@@ -32,7 +44,7 @@ from superposition.record import (
 )
 from superposition.report import Section, render_page, render_run
 from superposition.report import write_report as write_page
-from superposition.sae import Sae, check_sae_targets, save_sae, train_sae
+from superposition.sae import Sae, check_sae_targets, load_sae, save_sae, train_sae
 from superposition.sae_report import run_sae_sections, sae_sections
 from superposition.spec import Experiment, SaeSpec, SpecError, check_memory
 from superposition.train import TrainingDiverged, TrainState, resolve_device, train_model
@@ -56,7 +68,37 @@ __all__ = [
     "sae_page",
     "run_saes",
     "run_spec_saes",
+    "load_sae",
+    "RunInterrupted",
+    "interrupted_message",
 ]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a notebook's stop button) during :func:`run`: the message says what was kept and how to continue."""
+
+
+def interrupted_message(out: str | Path, spec: Experiment, since: float, *, cli: bool = True) -> str:
+    """What an interrupted :func:`run` of ``spec`` into ``out`` (started at ``since``, a ``time.time()``) left: a
+    complete run, a checkpoint to resume from, or nothing; worded for the command line or (``cli=False``) the
+    library. The one wording of both ``superposition run`` and ``superposition.run``."""
+    resume = f"superposition resume {out}"
+    if not cli:
+        resume = f"superposition.run(spec, {str(out)!r}, resume=True) (or: {resume})"
+    step, work, every = interrupted_step(out), work_dir(out), spec.train.checkpoint_every
+    config = normal(out) / RUN_FILE_NAMES[0]
+    if partial_complete(out):  # killed while publishing: the run is complete in its working folder
+        kept = f"the run is complete; put it in place with: {resume}"
+    elif not work.exists() and config.is_file() and config.stat().st_mtime >= since:
+        kept = f"the run was written to {out} (only its clean-up or SAEs were cut short)"
+    elif step is not None:
+        kept = f"checkpoint at step {step} kept; continue with: {resume}"
+    elif every:
+        kept = f"nothing kept (interrupted before the first checkpoint, at step {every})"
+    else:
+        how = "--set train.checkpoint_every=N" if cli else "train.checkpoint_every = N in the spec"
+        kept = f"nothing kept (no train.checkpoint_every; {how} makes a run resumable)"
+    return f"interrupted; {kept}"
 
 
 def train(spec: Experiment, *, progress: Progress = None) -> Run:
@@ -126,9 +168,33 @@ def run(
     Without ``resume`` an interrupted run of ``out`` (a ``.NAME.partial`` with a checkpoint) is kept and the call
     refused, unless ``overwrite`` asks to start over. A run that diverges (on_divergence = "stop") leaves nothing.
     Only this tool's own folders are ever replaced or deleted (:func:`check_run` refuses anything else up front).
+
+    Ctrl-C (a notebook's stop button) raises :class:`RunInterrupted`, a KeyboardInterrupt whose message says what
+    was kept: the finished run, a checkpoint to continue from with ``resume=True`` (``train.checkpoint_every``), or
+    nothing; the folder at ``out`` is never left half-written.
     """
     out = normal(out)
     step = check_run(spec, out, overwrite=overwrite, resume=resume)
+    since = time.time()
+    try:
+        return _run(spec, out, step, overwrite=overwrite, resume=resume, progress=progress, report=report, saes=saes)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(interrupted_message(out, spec, since, cli=False)) from None
+
+
+def _run(
+    spec: Experiment,
+    out: Path,
+    step: int | None,
+    *,
+    overwrite: bool,
+    resume: bool,
+    progress: Progress,
+    report: bool,
+    saes: bool,
+) -> Run:
     partial = work_dir(out)
     if resume and partial_complete(out):
         # Killed while publishing: the partial folder is a complete run (config.json is written last); finish it.

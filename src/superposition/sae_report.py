@@ -19,7 +19,15 @@ from superposition.spec import SAE_SPARSITY_FIELD, SpecError
 if TYPE_CHECKING:
     from superposition.record import Run
 
-__all__ = ["sae_sections", "run_sae_sections"]
+__all__ = ["sae_sections", "sae_figures", "run_sae_sections", "SAE_FIGURES"]
+
+SAE_FIGURES: dict[str, str] = {
+    "sae-directions": "Decoder rows over the true feature directions (2-D activations, with the run)",
+    "sae-cosines": "Cosine of each decoder row with each true feature (with the run)",
+    "sae-dead": "Dead latents over training",
+    "sae-pareto": "Recovery vs L0 (several sparsity settings)",
+}
+"""Every figure name :func:`sae_figures` may return, with what it shows (report order)."""
 
 
 def _short_labels(sae: Sae) -> list[str]:
@@ -55,7 +63,25 @@ def sae_sections(sae: Sae, run: Run | None = None) -> list[Section]:
         f"{s.dense_threshold:g} of samples; fvu = fraction of variance unexplained; shrinkage = reconstructed / true "
         "norm. all_recovered_99 counts instances whose SAE recovered every feature above 0.99.",
     ]
-    figures = []
+    sections = [
+        Section(
+            f"SAE {sae.name}: {sae.architecture}",
+            paragraphs=intro,
+            tables=[summary],
+            figures=[f.figure for f in sae_figures(sae, run)],
+        ),
+    ]
+    return sections
+
+
+def sae_figures(sae: Sae, run: Run | None = None) -> list[plots.NamedFigure]:
+    """The figures of one SAE folder (see ``SAE_FIGURES``; those needing the true features only with ``run``)."""
+    s = sae.spec
+    figures: list[plots.NamedFigure] = []
+
+    def add(name: str, fig: Any) -> None:
+        figures.append(plots.NamedFigure(name, SAE_FIGURES[name], fig))
+
     labels = _short_labels(sae)
     dec = sae.model.decoder.detach().float().cpu()
     dec = dec / dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -70,7 +96,8 @@ def sae_sections(sae: Sae, run: Run | None = None) -> list[Section]:
         feats = np.stack([truth.directions[i].cpu().numpy() for _ in shown for i in range(n_show)])
         rows = np.stack([dec[i, j].numpy() for j in shown for i in range(n_show)])
         titles = [f"{labels[j]} · inst 0" if i == 0 else f"inst {i}" for j in shown for i in range(n_show)]
-        figures.append(
+        add(
+            "sae-directions",
             plots.sae_directions_2d(
                 feats,
                 rows,
@@ -80,37 +107,36 @@ def sae_sections(sae: Sae, run: Run | None = None) -> list[Section]:
                 feature_labels=truth.labels,
                 title="Decoder rows (coloured; dotted = dead latent) over the true feature directions (grey), "
                 f"first {n_show} instances",
-            )
+            ),
         )
     if truth is not None:
         t_hat = truth.directions[0].cpu()
         cos = torch.einsum("msd,td->mst", dec[0], t_hat / t_hat.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy()
-        figures.append(
+        add(
+            "sae-cosines",
             plots.sae_cosine_heatmap(
                 cos[shown],
                 truth.labels,
                 [labels[j] for j in shown],
                 title="Cosine of each decoder row with each true feature (instance 0)",
-            )
+            ),
         )
     if len(sae.history):
         hist = sae.history.groupby(["step", "sae"], as_index=False)["dead"].mean()
         hist["series"] = [labels[j] for j in hist["sae"]]
         ev = sae.resamples[sae.resamples["resampled"] > 0].groupby(["step", "sae"], as_index=False)["resampled"].sum()
         ev["series"] = [labels[j] for j in ev["sae"]]
-        figures.append(
+        add(
+            "sae-dead",
             plots.sae_dead_latents(
                 hist[["step", "series", "dead"]],
                 ev[["step", "series", "resampled"]],
                 title=f"Dead latents over training (mean over instances; no firing in {s.resample_window} steps)",
-            )
+            ),
         )
     if len(s.sparsity_values(sae.architecture)) > 1:  # a curve needs several sparsity settings
-        figures.append(_pareto(sae.scores))
-    sections = [
-        Section(f"SAE {sae.name}: {sae.architecture}", paragraphs=intro, tables=[summary], figures=figures),
-    ]
-    return sections
+        add("sae-pareto", _pareto(sae.scores))
+    return figures
 
 
 def _pareto(scores: pd.DataFrame) -> Any:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from superposition.display import Displayable
 from superposition.errors import NotOurs
 from superposition.folder import (
     MAX_CONFIG_BYTES,
@@ -59,8 +60,9 @@ class SaeFormatError(SpecError):
 
 
 @dataclass
-class Sae:
-    """Trained SAEs of one architecture on one run: spec, weights, scores, history."""
+class Sae(Displayable):
+    """Trained SAEs of one architecture on one run: spec, weights, scores, history (in a notebook: an HTML summary,
+    ``figure(name)`` / ``figures()``, drawn by :mod:`superposition.views`)."""
 
     spec: SaeSpec
     model: SparseAutoencoder

@@ -12,11 +12,12 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
+from superposition.display import Displayable
 from superposition.folder import MAX_TABLE_BYTES, SWEEP_FORMAT, RunFormatError, atomic_write_bytes, checked_file
 from superposition.record import INSTANCES, Run, load_run
 from superposition.spec import Experiment, SpecError, SweepSpec, parse_spec
@@ -352,8 +353,11 @@ class _Runs(Mapping[str, "Run"]):
 
 
 @dataclass
-class Sweep:
-    """A sweep folder opened: its spec, plan, results table and run folders (``runs[group_id]``)."""
+class Sweep(Displayable):
+    """A sweep folder opened: its spec, plan, results table and run folders (``runs[group_id]``); in a notebook an
+    HTML summary, ``figure(name)`` / ``figures()`` (drawn by :mod:`superposition.sweep.report`)."""
+
+    presenter_module: ClassVar[str] = "superposition.sweep"
 
     path: Path
     spec: Experiment

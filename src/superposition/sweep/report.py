@@ -14,14 +14,14 @@ import pandas as pd
 from superposition.claims import claim_line
 from superposition.folder import atomic_write_bytes
 from superposition.spec import Experiment, SweepSpec
-from superposition.sweep.folder import REPORT, RUNS, load_sweep
+from superposition.sweep.folder import REPORT, RUNS, Sweep, load_sweep
 from superposition.sweep.plan import PACKABLE_KINDS, Plan, describe_plan
 from superposition.thresholds import ok_rows, threshold_display, threshold_table
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from superposition.plots import Polygon
+    from superposition.plots import NamedFigure, Polygon
 
 
 # -- figures and the report (pure functions of the results table) -------------------------------------------------
@@ -320,6 +320,47 @@ def sweep_verdict(spec: Experiment, out: str | Path) -> str | None:
     return claim_line(spec.name, spec, lambda: load_sweep(out))
 
 
+def has_ok(spec: Experiment, results: pd.DataFrame) -> bool:
+    """Whether any point of the results has the report's metric (the report draws heatmaps and lines then)."""
+    metric = (spec.sweep or SweepSpec()).report.metric
+    return metric in results.columns and bool(len(ok_rows(results, metric)))
+
+
+def sweep_figures(
+    spec: Experiment, plan: Plan, results: pd.DataFrame, out: str | Path | None = None, *, geometry: bool = True
+) -> list[NamedFigure]:
+    """The figures of a sweep's report, named for ``Sweep.figure``: ``heatmap`` and ``lines`` (one per value of the
+    report's ``by`` axis: ``heatmap-VALUE``, ``lines-VALUE``), and ``training-geometry`` (fixed 2-D training sets;
+    needs the folder ``out``). Headings: "Heatmaps", "Lines", "Training points and features"."""
+    from superposition.plots import NamedFigure
+
+    r = (spec.sweep or SweepSpec()).report
+    x, y, by = report_axes(spec)
+    out_figs: list[NamedFigure] = []
+    if not (x and has_ok(spec, results)):
+        pass
+    elif y:
+        panels = [None] if by is None else list(dict.fromkeys(results[by]))
+        parts = []
+        for value in panels:
+            part = results if value is None else results[results[by] == value]
+            if len(ok_rows(part, r.metric)):
+                parts.append(("" if value is None else f"-{value}", "" if value is None else f" ({by}={value})", part))
+        for tag, suffix, part in parts:
+            fig = heatmap_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} by {y} and {x}{suffix}")
+            out_figs.append(NamedFigure(f"heatmap{tag}", "Heatmaps", fig))
+        for tag, suffix, part in parts:
+            fig = lines_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} against {x}{suffix}")
+            out_figs.append(NamedFigure(f"lines{tag}", "Lines", fig))
+    else:
+        fig = lines_figure(results.assign(_all="all"), x, "_all", r.metric, log=r.log)
+        out_figs.append(NamedFigure("lines", "Lines", fig))
+    if geometry:
+        for section in _training_geometry_sections(out, plan, results):
+            out_figs.extend(NamedFigure("training-geometry", section.heading, f) for f in section.figures)
+    return out_figs
+
+
 def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str | Path | None = None) -> str:
     """The sweep's report.html: plan, threshold read-out, heatmaps and lines per panel value, training geometry
     (fixed 2-D training sets; needs the folder ``out``), results, failures."""
@@ -344,38 +385,19 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str |
             ],
         ),
     ]
-    ok = ok_rows(results, r.metric) if r.metric in results.columns else results.iloc[:0]
-    panels = [None] if by is None else list(dict.fromkeys(results[by]))
-    if x and y and len(ok):
-        if r.threshold is not None:
-            table = threshold_table(results, x, y, r.metric, r.threshold, by=by)
-            sections.append(
-                Section(
-                    f"Threshold: smallest {x} with {r.metric} < {r.threshold:g}",
-                    paragraphs=[f"For each {y}, the smallest {x} whose {r.metric} is below {r.threshold:g}."],
-                    tables=[threshold_display(table, results, x, y, by)],
-                )
-            )
-        figures = []
-        for value in panels:
-            part = results if value is None else results[results[by] == value]
-            if len(ok_rows(part, r.metric)):
-                suffix = "" if value is None else f" ({by}={value})"
-                figures.append(
-                    heatmap_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} by {y} and {x}{suffix}")
-                )
-        sections.append(Section("Heatmaps", figures=figures))
-        lines = []
-        for value in panels:
-            part = results if value is None else results[results[by] == value]
-            if len(ok_rows(part, r.metric)):
-                suffix = "" if value is None else f" ({by}={value})"
-                lines.append(lines_figure(part, x, y, r.metric, log=r.log, title=f"{r.metric} against {x}{suffix}"))
-        sections.append(Section("Lines", figures=lines))
-    elif x and len(ok):
+    figures = sweep_figures(spec, plan, results, geometry=False)
+    if x and y and r.threshold is not None and any(f.title == "Heatmaps" for f in figures):
+        table = threshold_table(results, x, y, r.metric, r.threshold, by=by)
         sections.append(
-            Section("Lines", figures=[lines_figure(results.assign(_all="all"), x, "_all", r.metric, log=r.log)])
+            Section(
+                f"Threshold: smallest {x} with {r.metric} < {r.threshold:g}",
+                paragraphs=[f"For each {y}, the smallest {x} whose {r.metric} is below {r.threshold:g}."],
+                tables=[threshold_display(table, results, x, y, by)],
+            )
         )
+    for heading in ("Heatmaps", "Lines"):
+        if any(f.title == heading for f in figures):
+            sections.append(Section(heading, figures=[f.figure for f in figures if f.title == heading]))
     sections.extend(_training_geometry_sections(out, plan, results))
     sections.append(Section("Results", tables=[results]))
     failed = results[results["status"].isin(["failed", "invalid"])]
@@ -383,3 +405,51 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str |
         sections.append(Section("Failures", tables=[failed[["point", *plan.columns, "status", "error"]]]))
     sections.append(Section("Spec", preformatted=spec.to_json()))
     return render_page(f"sweep: {spec.name}", sections)
+
+
+# -- the notebook view of a sweep folder (superposition.display binds it on Sweep) ----------------------------------
+def sweep_html(sweep: Sweep) -> str:
+    """A sweep folder's notebook summary: plan, statuses, verdict, the threshold table (else the results), folder."""
+    from superposition.views import summary_html
+
+    spec, plan, results = sweep.spec, sweep.plan, sweep.results
+    status = results["status"].value_counts().to_dict() if "status" in results else {}
+    axes = ", ".join(f"{k} ({len(v)})" for k, v in (spec.sweep or SweepSpec()).axes.items()) or "none"
+    facts = [
+        ("plan", f"{len(plan.points)} point(s) × {plan.repeats} repeat(s) in {len(plan.groups)} model(s)"),
+        ("axes", axes),
+        ("status", ", ".join(f"{v} {k}" for k, v in sorted(status.items())) or "–"),
+    ]
+    line = sweep_verdict(spec, sweep.path)
+    if line:
+        facts.append(("verdict", line))
+    report = Path(sweep.path) / REPORT
+    facts.append(("saved", f"{sweep.path}" + (f" (open {report})" if report.is_file() else "")))
+    facts.append(("figures", "sweep.figures() lists them; sweep.figure(name) draws one"))
+    r = (spec.sweep or SweepSpec()).report
+    x, y, by = report_axes(spec)
+    if x and y and r.threshold is not None and has_ok(spec, results):
+        table = threshold_display(threshold_table(results, x, y, r.metric, r.threshold, by=by), results, x, y, by)
+        caption = f"threshold: smallest {x} with {r.metric} < {r.threshold:g}, for each {y}"
+        return summary_html("Sweep", spec.name, facts, [(caption, table)])
+    cols = [c for c in ("point", *plan.columns, "status", r.metric) if c in results.columns]
+    return summary_html("Sweep", spec.name, facts, [("results", results[list(dict.fromkeys(cols))])])
+
+
+class SweepPresenter:
+    """Sweep's presenter: its report's figures (:func:`sweep_figures`) and summary."""
+
+    def html(self, obj: Sweep) -> str:
+        return sweep_html(obj)
+
+    def figure_names(self, obj: Sweep) -> list[str]:
+        return [f.name for f in sweep_figures(obj.spec, obj.plan, obj.results, obj.path)]
+
+    def figure(self, obj: Sweep, name: str, **layout: Any) -> go.Figure:
+        from superposition.views import pick_figure
+
+        named = sweep_figures(obj.spec, obj.plan, obj.results, obj.path)
+        return pick_figure(named, name, f"sweep {obj.spec.name!r}", **layout)
+
+
+Sweep.presenter = SweepPresenter()
