@@ -44,6 +44,7 @@ OWNED = [
     "compressed-computation-clean",
     "transplant",
     "l1-computation",
+    "l1-computation-scratch",
     "multi-layer-computation",
     "double-descent",
 ]
@@ -396,6 +397,14 @@ def test_transplant_quick():
 
 def test_l1_computation_quick():
     run = _train_quick("l1-computation")
+    assert list(dict.fromkeys(run.history["phase"])) == ["l2", "l1"]  # the L2 phase, then the L1 one
+    comp = metrics.computation(run.model, run.spec)
+    assert int((comp.nonlinear > 0.9).sum()) <= run.spec.model.d_hidden + 2
+
+
+def test_l1_computation_scratch_quick():
+    run = _train_quick("l1-computation-scratch")
+    assert "phase" not in run.history and run.spec.task.loss == "l1"
     comp = metrics.computation(run.model, run.spec)
     assert int((comp.nonlinear > 0.9).sum()) <= run.spec.model.d_hidden + 2
 

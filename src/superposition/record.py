@@ -144,6 +144,41 @@ def _meta(state: TrainState, seconds: float) -> dict[str, Any]:
     }
 
 
+def start_state(spec: Experiment) -> TrainState:
+    """A fresh training state; with ``train.init_from``, its weights are the named run's trained weights."""
+    state = TrainState.create(spec)
+    if spec.train.init_from:
+        state.model.load_state_dict(init_weights(spec), strict=True)
+    return state
+
+
+def init_weights(spec: Experiment) -> dict[str, torch.Tensor]:
+    """The trained weights of ``spec.train.init_from``, checked against the shapes of the spec's model (one-line
+    SpecError naming the first difference)."""
+    source = spec.train.init_from
+    try:
+        init = load_run(source)
+    except OSError as exc:
+        raise SpecError(f"train.init_from: cannot read {source}: {exc.strerror or exc}") from None
+    except SpecError as exc:
+        raise SpecError(f"train.init_from: {exc}") from None
+    want = build_model(spec, "cpu").state_dict()
+    have = {k: v.detach().cpu() for k, v in init.model.state_dict().items()}
+    m = init.spec.model
+    for key, value in want.items():
+        if key not in have:
+            raise SpecError(f"train.init_from: {source} ({m.kind}) has no {key}; this spec's model needs one")
+        if tuple(have[key].shape) != tuple(value.shape):
+            raise SpecError(
+                f"train.init_from: {source} has {key} of shape {tuple(have[key].shape)}; "
+                f"this spec's model needs {tuple(value.shape)}"
+            )
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise SpecError(f"train.init_from: {source} has {extra[0]}, which this spec's model does not have")
+    return have
+
+
 def finish(state: TrainState, seconds: float) -> Run:
     final = evaluate(state).cpu().numpy()
     return Run(

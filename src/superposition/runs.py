@@ -31,6 +31,7 @@ from superposition.record import (
     RunFormatError,
     checkpoint_step,
     finish,
+    init_weights,
     interrupted_step,
     load_run,
     partial_complete,
@@ -40,6 +41,7 @@ from superposition.record import (
     read_safetensors_header,
     save_checkpoint,
     spec_text,
+    start_state,
     write_run_files,
 )
 from superposition.report import Section, render_page, render_run
@@ -104,7 +106,7 @@ def interrupted_message(out: str | Path, spec: Experiment, since: float, *, cli:
 def train(spec: Experiment, *, progress: Progress = None) -> Run:
     """Train an experiment in memory and return the Run (nothing is written)."""
     check_memory(spec)
-    state = TrainState.create(spec)
+    state = start_state(spec)
     return finish(state, train_model(state, progress=progress).seconds)
 
 
@@ -129,6 +131,8 @@ def check_run(spec: Experiment, out: str | Path, *, overwrite: bool = False, res
     out = normal(out)
     check_memory(spec)
     resolve_device(spec.device)
+    if spec.train.init_from:
+        init_weights(spec)
     check_target(out, RUN, RUN_WORK, overwrite=overwrite)
     partial = work_dir(out)
     if resume and partial_complete(out):
@@ -203,7 +207,7 @@ def _run(
         if saes:
             run_spec_saes(result, progress=progress)
         return result
-    state = TrainState.create(spec)
+    state = start_state(spec) if step is None else TrainState.create(spec)
     if step is not None:
         tensors = read_checkpoint(partial / CHECKPOINT, state.tensors())
         state.load_tensors_(tensors, step)

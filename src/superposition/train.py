@@ -135,6 +135,10 @@ class TrainState:
     history: list[tuple[int, np.ndarray]] = field(default_factory=list)
     engine: str = "eager"
     engine_reason: str = ""
+    phase: int = 0
+    """Index of the phase being trained (``train.phases``; 0 without phases)."""
+    active: Experiment | None = None
+    """The experiment the current phase trains (:meth:`Experiment.phase_spec`; the spec itself without phases)."""
     fast: FastStepper | None = None
     _fast_inputs: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None  # the fused step's arguments
 
@@ -159,8 +163,10 @@ class TrainState:
             cpu_sampler = sampler if on_cpu else make_sampler(spec, "cpu", dt)
             dataset = cpu_sampler.sample(spec.data.dataset_size, cpu_gen).to(device)
 
+        active = spec.phase_spec(0)
+
         def per_inst(key: str) -> Tensor:
-            return torch.tensor([float(v) for v in spec.instance_values(key)], device=device, dtype=torch.float32)
+            return torch.tensor([float(v) for v in active.instance_values(key)], device=device, dtype=torch.float32)
 
         params = dict(model.named_parameters())
         choice = choose_engine(spec, device)
@@ -178,7 +184,25 @@ class TrainState:
             alive=torch.ones(spec.n_instances, dtype=torch.bool, device=device),
             engine=choice.engine,
             engine_reason=choice.reason,
+            active=active,
         )
+
+    @property
+    def phase_start(self) -> int:
+        """The global step at which the current phase started."""
+        return self.spec.train.phase_starts[self.phase]
+
+    def enter_phase(self, i: int) -> None:
+        """Start phase i on the weights so far: its settings, fresh Adam moments, its own fused step."""
+        self.phase = i
+        self.active = self.spec.phase_spec(i)
+        for key, store in (("train.lr", self.lr), ("train.weight_decay", self.weight_decay)):
+            store.copy_(torch.tensor([float(v) for v in self.active.instance_values(key)], device=store.device))
+        for store in (self.adam.exp_avg, self.adam.exp_avg_sq):
+            for v in store.values():
+                v.zero_()
+        self.adam.step = 0
+        self.fast, self._fast_inputs = None, None
 
     def batch(self) -> Float[Tensor, "batch inst feats"]:
         """The next training batch: fresh samples, or (fixed dataset) all of it or a random subset."""
@@ -196,7 +220,7 @@ class TrainState:
         bf16 = self.spec.dtype == "bfloat16"
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = self.model(x)
-        return per_instance_loss(out.float(), y, self.importance, self.spec.task.loss)
+        return per_instance_loss(out.float(), y, self.importance, (self.active or self.spec).task.loss)
 
     def eager_step(self) -> Float[Tensor, " inst"]:
         """One plain step: sample, forward, per-instance loss summed, backward, Adam."""
@@ -205,14 +229,15 @@ class TrainState:
         masked = torch.where(self.alive, loss, torch.zeros_like(loss))
         params = self.params
         grads = torch.autograd.grad(masked.sum(), list(params.values()))
-        mult = lr_multiplier(self.spec.train.schedule, self.step, self.spec.train.steps, self.spec.train.warmup_steps)
+        t = (self.active or self.spec).train
+        mult = lr_multiplier(t.schedule, self.step - self.phase_start, t.steps, t.warmup_steps)
         adam_step_(
             {k: v.data for k, v in params.items()},
             dict(zip(params, grads, strict=True)),
             self.adam,
             self.lr * mult,
             self.weight_decay,
-            decoupled=self.spec.train.optimizer == "adamw",
+            decoupled=t.optimizer == "adamw",
         )
         self.step += 1
         return loss.detach()
@@ -220,15 +245,16 @@ class TrainState:
     def fast_step(self) -> Float[Tensor, " inst"]:
         """One fused step of the fast engine (compiled on first use); same contract as :meth:`eager_step`."""
         if self.fast is None:
-            self.fast = FastStepper(self.spec, compile=self.engine == "fast")
+            self.fast = FastStepper(self.active or self.spec, compile=self.engine == "fast")
         if self._fast_inputs is None:
             self._fast_inputs = self._make_fast_inputs()
         params, tensors = self._fast_inputs
-        loss = self.fast(params, self.adam.exp_avg, self.adam.exp_avg_sq, self.step, tensors)
+        local = self.step - self.phase_start
+        loss = self.fast(params, self.adam.exp_avg, self.adam.exp_avg_sq, local, tensors)
         if self.engine == "fast" and not self.fast.compile:
             self.engine, self.engine_reason = "fast-uncompiled", f"torch.compile failed ({self.fast.fallback})"
         self.step += 1
-        self.adam.step = self.step
+        self.adam.step = local + 1
         return loss
 
     def _make_fast_inputs(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -243,7 +269,8 @@ class TrainState:
             "residual_factor": self.residual_factor,
             "alive": self.alive,
             "relu_out": self.model.relu_out,
-            "keys": stream_keys(self.spec.seed, self.alive.device),
+            # Each phase draws its own stream (the step counter restarts with the phase).
+            "keys": stream_keys(self.spec.seed + self.phase * 1_000_003, self.alive.device),
         }
         if self.spec.model.kind == "residual-mlp":
             tensors["W_E"] = self.model.W_E
@@ -285,11 +312,17 @@ class TrainState:
         self.model.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
         )
-        # In place, so tensors that a compiled step (or a captured CUDA graph) holds stay valid.
-        for name in self.adam.exp_avg:
-            self.adam.exp_avg[name].copy_(tensors[f"adam.exp_avg.{name}"])
-            self.adam.exp_avg_sq[name].copy_(tensors[f"adam.exp_avg_sq.{name}"])
-        self.adam.step = step
+        phase = self.spec.train.phase_at(step)
+        if phase != self.phase:
+            self.enter_phase(phase)
+        start = self.spec.train.phase_starts[phase]
+        # A checkpoint taken as a phase ended holds that phase's moments; the next phase starts from zero ones.
+        if step > start or phase == 0:
+            # In place, so tensors that a compiled step (or a captured CUDA graph) holds stay valid.
+            for name in self.adam.exp_avg:
+                self.adam.exp_avg[name].copy_(tensors[f"adam.exp_avg.{name}"])
+                self.adam.exp_avg_sq[name].copy_(tensors[f"adam.exp_avg_sq.{name}"])
+        self.adam.step = step - start
         self.generator.set_state(tensors["rng"])
         self.alive.copy_(tensors["alive"].to(dev).bool())
         if "history.steps" in tensors:
@@ -344,7 +377,10 @@ def train_model(
 def _loop(state: TrainState, bar: Any, checkpoint: Callable[[TrainState], None] | None) -> None:
     """The steps from ``state.step`` to the end: history, divergence checks, progress bar, checkpoints."""
     t = state.spec.train
+    starts = t.phase_starts
     while state.step < t.steps:
+        if state.phase + 1 < len(starts) and state.step >= starts[state.phase + 1]:
+            state.enter_phase(state.phase + 1)
         step = state.step
         if bar is not None and state.engine == "fast" and state.fast is None:
             bar.set_postfix_str("compiling the fused step")
@@ -355,7 +391,8 @@ def _loop(state: TrainState, bar: Any, checkpoint: Callable[[TrainState], None] 
             state.history.append((step, loss.float().cpu().numpy()))
             if bar is not None:
                 mean = float(loss[state.alive].mean()) if state.alive.any() else float("nan")
-                bar.set_postfix_str(f"loss={mean:.3g}")
+                phase = f" {t.phase_name(state.phase)}" if t.phases else ""
+                bar.set_postfix_str(f"loss={mean:.3g}{phase}")
         if bar is not None:
             bar.update(1)
         if checkpoint is not None and t.checkpoint_every and state.step % t.checkpoint_every == 0 and not last:
@@ -386,13 +423,17 @@ def history_frame(state: TrainState) -> pd.DataFrame:
     steps = np.array([s for s, _ in state.history], dtype=np.int64)
     losses = np.stack([v for _, v in state.history]).astype(np.float64)
     inst = losses.shape[1]
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "step": np.repeat(steps, inst),
             "instance": np.tile(np.arange(inst, dtype=np.int64), len(steps)),
             "loss": losses.reshape(-1),
         }
     )
+    t = state.spec.train
+    if t.phases:  # the phase of each row, by its step
+        frame["phase"] = [t.phase_name(t.phase_at(int(s))) for s in frame["step"]]
+    return frame
 
 
 def checkpoint_path(folder: Path) -> Path:

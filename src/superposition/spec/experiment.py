@@ -200,7 +200,28 @@ class Experiment(StrictSection):
                 raise ValueError(f"instances.task.importance: a list has {len(imp)} values for {n} features")
         if self.train.warmup_steps >= self.train.steps and self.train.schedule == "warmup-cosine":
             raise ValueError("train.warmup_steps: must be smaller than train.steps")
+        for i, ph in enumerate(self.train.phases):
+            for key in ("lr", "weight_decay"):
+                if getattr(ph, key) is not None and f"train.{key}" in self.instances.axes:
+                    raise ValueError(f"train.phases[{i}].{key}: train.{key} varies across instances; set it there")
+            one = self.phase_spec(i).train
+            if one.schedule == "warmup-cosine" and one.warmup_steps >= one.steps:
+                raise ValueError(f"train.phases[{i}].warmup_steps: must be smaller than the phase's steps")
         return self
+
+    def phase_spec(self, i: int) -> Experiment:
+        """The experiment that phase i trains: its steps, loss and optimiser settings (this spec without phases)."""
+        t = self.train
+        if not t.phases:
+            return self
+        ph = t.phases[i]
+        keys = ("lr", "schedule", "warmup_steps", "optimizer", "weight_decay")
+        train = t.model_copy(
+            update={"steps": ph.steps, "phases": [], "init_from": None}
+            | {k: getattr(ph, k) for k in keys if getattr(ph, k) is not None}
+        )
+        task = self.task.model_copy(update={"loss": ph.loss or self.task.loss})
+        return self.model_copy(update={"train": train, "task": task})
 
     @property
     def n_pairs(self) -> tuple[int, int]:

@@ -87,6 +87,18 @@ def _cap_train(raw: dict[str, Any], named: set[str]) -> None:
     train = raw.get("train", {})
     if "train.steps" in named or not isinstance(train, dict):
         return
+    phases = train.get("phases")
+    if isinstance(phases, list) and phases and all(isinstance(p, dict) and _is_int(p.get("steps")) for p in phases):
+        # Each phase keeps its share of the steps (at least one); train.steps is derived from them.
+        total = sum(p["steps"] for p in phases)
+        if total > QUICK_TRAIN_STEPS:
+            cut = [{**p, "steps": max(1, p["steps"] * QUICK_TRAIN_STEPS // total)} for p in phases]
+            for p in cut:
+                warm = p.get("warmup_steps")
+                if _is_int(warm) and warm >= p["steps"]:
+                    p["warmup_steps"] = max(0, p["steps"] - 1)
+            raw["train"] = {k: v for k, v in train.items() if k != "steps"} | {"phases": cut}
+        return
     steps = train.get("steps", TrainSpec.model_fields["steps"].default)
     if not _is_int(steps) or steps <= QUICK_TRAIN_STEPS:
         return

@@ -129,6 +129,27 @@ class TaskSpec(StrictSection):
         return v
 
 
+class PhaseSpec(StrictSection):
+    """One phase of a run trained in phases: its own steps, loss and optimiser settings on the weights so far."""
+
+    name: str = Field("", max_length=100)
+    """Label in the history table and figures (default: phase1, phase2, ...)."""
+    steps: int = Field(..., ge=1, le=MAX_STEPS)
+    """Optimiser steps of this phase."""
+    loss: Literal["l2", "l1"] | None = None
+    """The phase's loss (default: task.loss)."""
+    lr: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    """The phase's peak learning rate (default: train.lr)."""
+    schedule: Literal["constant", "linear", "cosine", "warmup-cosine"] | None = None
+    """The phase's learning-rate schedule, over its own steps (default: train.schedule)."""
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS)
+    """Warm-up steps for a warmup-cosine phase (default: train.warmup_steps)."""
+    optimizer: Literal["adam", "adamw"] | None = None
+    """The phase's optimiser (default: train.optimizer); every phase starts with fresh moments."""
+    weight_decay: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False)
+    """The phase's weight decay (default: train.weight_decay)."""
+
+
 class TrainSpec(StrictSection):
     """Optimisation settings."""
 
@@ -156,6 +177,45 @@ class TrainSpec(StrictSection):
     """When an instance's loss turns NaN/inf: stop the run, or drop that instance and go on."""
     eval_batch: int = Field(8192, ge=1, le=10_000_000)
     """Fresh samples used for the final per-instance loss."""
+    phases: list[PhaseSpec] = Field(default_factory=list, max_length=100)
+    """Train in phases, in order, on the same weights (steps = their sum; each phase starts a fresh optimiser)."""
+    init_from: str | None = Field(None, min_length=1, max_length=4096)
+    """A run folder whose trained weights this run starts from (same model shapes; relative to the working dir)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phase_steps(cls, data: Any) -> Any:
+        # With phases, train.steps is their sum: derive it so the spec need not repeat it.
+        if isinstance(data, dict) and isinstance(data.get("phases"), list) and "steps" not in data:
+            steps = [ph.get("steps") for ph in data["phases"] if isinstance(ph, dict)]
+            if steps and all(isinstance(v, int) and not isinstance(v, bool) for v in steps):
+                data = {**data, "steps": sum(steps)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_phases(self) -> TrainSpec:
+        if self.phases and self.steps != sum(ph.steps for ph in self.phases):
+            total = sum(ph.steps for ph in self.phases)
+            raise ValueError(f"train.steps: {self.steps} is not the sum of the phases' steps ({total}); leave it out")
+        return self
+
+    @property
+    def phase_starts(self) -> list[int]:
+        """The global step at which each phase starts ([0] without phases)."""
+        starts, at = [], 0
+        for ph in self.phases or [PhaseSpec(steps=self.steps)]:
+            starts.append(at)
+            at += ph.steps
+        return starts
+
+    def phase_at(self, step: int) -> int:
+        """The index of the phase that takes global step ``step`` (the last one past the end)."""
+        starts = self.phase_starts
+        return max(i for i, s in enumerate(starts) if s <= step) if step >= 0 else 0
+
+    def phase_name(self, i: int) -> str:
+        """Phase i's label: its name, or phase{i+1}."""
+        return (self.phases[i].name if self.phases and self.phases[i].name else "") or f"phase{i + 1}"
 
 
 # Settings that keep tensor shapes and may therefore vary across instances of one model.
