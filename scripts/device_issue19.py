@@ -41,7 +41,7 @@ def hierarchy_point(init: str, d_hidden: int) -> dict:
         "model.n_features=62",
         "data.early_stopping=true",
         f"model.d_hidden={d_hidden}",
-        f"model.init=\"{init}\"",
+        f'model.init="{init}"',
         "instances.seed=[0, 1, 2, 3, 4]",
         'train.engine="eager"',
     ]
