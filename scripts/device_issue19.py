@@ -2,7 +2,7 @@
 
     python scripts/device_issue19.py l1-computation OUT           # a run folder OUT/l1-computation
     python scripts/device_issue19.py l1-computation-scratch OUT   # a run folder OUT/l1-computation-scratch
-    python scripts/device_issue19.py hierarchy OUT                # OUT/hierarchy-init.json
+    python scripts/device_issue19.py hierarchy OUT [cpu]          # OUT/hierarchy-init.json (default on cuda)
 
 The hierarchy part isolates the init sensitivity of seed 002's table at tree depth 5: the early_stopping variant at
 every d_hidden 2..10 (5 repeats, 10k steps, as the preset), under model.init = "per-instance" and "notebook".
@@ -34,9 +34,9 @@ def train_folder(name: str, out: Path) -> str:
     return f"{name}: {time.perf_counter() - t:.0f} s on {state.engine}"
 
 
-def hierarchy_point(init: str, d_hidden: int) -> dict:
+def hierarchy_point(init: str, d_hidden: int, device: str = "cuda") -> dict:
     overrides = [
-        "device=cuda",
+        f"device={device}",
         "data.tree_depth=5",
         "model.n_features=62",
         "data.early_stopping=true",
@@ -55,14 +55,17 @@ def hierarchy_point(init: str, d_hidden: int) -> dict:
 
 def main() -> int:
     what, out = sys.argv[1], Path(sys.argv[2])
+    device = sys.argv[3] if len(sys.argv) > 3 else "cuda"
     out.mkdir(parents=True, exist_ok=True)
-    print(torch.cuda.get_device_name(0), torch.__version__, flush=True)
+    print(torch.cuda.get_device_name(0) if device == "cuda" else "cpu", torch.__version__, flush=True)
     if what != "hierarchy":
         print(train_folder(what, out), flush=True)
         return 0
     rows = []
-    with ThreadPoolExecutor(max_workers=6) as pool:  # eager steps: the threads overlap their kernels
-        for row in pool.map(lambda a: hierarchy_point(*a), [(i, d) for i in INITS for d in range(2, 11)]):
+    if device == "cpu":
+        torch.set_num_threads(1)
+    with ThreadPoolExecutor(max_workers=6 if device == "cuda" else 2) as pool:  # eager steps overlap their kernels
+        for row in pool.map(lambda a: hierarchy_point(*a, device), [(i, d) for i in INITS for d in range(2, 11)]):
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("init", "d_hidden", "loss_min")}), flush=True)
             (out / "hierarchy-init.json").write_text(json.dumps(rows, indent=1))
