@@ -204,6 +204,8 @@ def _accepts(ann) -> tuple[set[str], set[str] | None]:
 
 
 def _section_of(ann) -> type[BaseModel] | None:
+    if typing.get_origin(ann) is list:  # a list of tables (train.phases) is fuzzed as a list, not as a section
+        return None
     for arg in (ann, *typing.get_args(ann)):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg

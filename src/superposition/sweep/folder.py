@@ -120,12 +120,28 @@ _ESTIMATES = ("memory", "work")
 
 
 def _identity(plan: dict[str, Any]) -> dict[str, Any]:
-    """A plan without its groups' estimates: what a stored plan must share with a fresh ``make_plan``."""
+    """A plan without its groups' estimates, each group's spec as the current version reads it (a field added since
+    the folder was written takes its default): what a stored plan must share with a fresh ``make_plan``."""
     groups = plan.get("groups")
     if not isinstance(groups, list):
         return plan
-    stripped = [{k: v for k, v in g.items() if k not in _ESTIMATES} if isinstance(g, dict) else g for g in groups]
+    stripped = [
+        {k: _read_spec(v) if k == "spec" else v for k, v in g.items() if k not in _ESTIMATES}
+        if isinstance(g, dict)
+        else g
+        for g in groups
+    ]
     return {**plan, "groups": stripped}
+
+
+def _read_spec(raw: Any) -> Any:
+    """A group spec with every field filled in (unchanged when it is not a valid spec: the comparison then fails)."""
+    if not isinstance(raw, dict):
+        return raw
+    try:
+        return parse_spec(raw).model_dump(mode="json")
+    except SpecError:
+        return raw
 
 
 def _validated(out: Path, meta: dict[str, Any]) -> tuple[Experiment, Plan]:
