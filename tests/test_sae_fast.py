@@ -125,3 +125,33 @@ def test_engine_choice():
         long = choose_sae_engine(SaeSpec(steps=20000), 16, 3, cpu)
         assert long.engine == "fast" and "pays back" in long.reason
         assert choose_sae_engine(SaeSpec(engine="fast", steps=5), 1, 1, cpu).engine == "fast"
+
+
+def test_duplicate_latents_are_the_later_of_two_live_latents_on_one_direction():
+    from superposition.sae.fit import duplicate_latents
+
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    rows = torch.tensor([[e1, [2.0, 0.01], e2, [-1.0, 0.0], [0.7, 0.7]]])[None]  # (inst 1, sae 1, 5, 2)
+    none_dead = torch.zeros(1, 1, 5, dtype=torch.bool)
+    assert duplicate_latents(rows, none_dead, 0.95)[0, 0].tolist() == [False, True, False, False, False]
+    # cos(e1, (0.7, 0.7)) = 0.707: a duplicate at 0.7, not at 0.95; a dead latent is nobody's original.
+    assert duplicate_latents(rows, none_dead, 0.7)[0, 0].tolist() == [False, True, False, False, True]
+    first_dead = torch.tensor([[[True, False, False, False, False]]])
+    assert duplicate_latents(rows, first_dead, 0.95)[0, 0].tolist() == [False] * 5
+
+
+def test_fit_resamples_duplicated_latents():
+    run = _run(2)
+    spec = _spec(
+        "relu", "eager", resample_duplicates=0.9, resample_method=["loss-weighted"], steps=16, resample_window=1000
+    )  # a window longer than the run: no latent counts as dead, only the duplicates are resampled
+    sae = SparseAutoencoder(spec, "relu", 2, 2)
+    with torch.no_grad():  # six directions 30 degrees apart (cos 0.87 < 0.9), then latent 1 put on latent 0's
+        angles = torch.arange(6) * torch.pi / 6
+        rows = torch.stack([angles.cos(), angles.sin()], -1)
+        rows[1] = rows[0]
+        sae.W_dec.copy_(rows.expand_as(sae.W_dec))
+        sae.W_enc.copy_(rows.T.expand_as(sae.W_enc))
+    fitted = fit_sae(sae, run.model, run.spec, spec)
+    first = fitted.resamples[fitted.resamples["step"] == 15]
+    assert first["resampled"].tolist() == [1, 1, 1, 1]  # one of each pair, in each instance and SAE

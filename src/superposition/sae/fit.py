@@ -28,7 +28,7 @@ from superposition.sae.model import SparseAutoencoder, batch_last
 from superposition.spec import Experiment, SaeSpec
 from superposition.train import AdamState, TrainingDiverged
 
-__all__ = ["Fitted", "fit_sae", "resample_dead_"]
+__all__ = ["Fitted", "duplicate_latents", "fit_sae", "resample_dead_"]
 
 
 # -- resampling -----------------------------------------------------------------------------------------------------
@@ -101,6 +101,20 @@ def resample_dead_(
             adam.exp_avg[name].masked_fill_(mask.expand_as(adam.exp_avg[name]), 0.0)
             adam.exp_avg_sq[name].masked_fill_(mask.expand_as(adam.exp_avg_sq[name]), 0.0)
     return counts
+
+
+def duplicate_latents(
+    decoder: Float[Tensor, "inst sae d_sae hidden"], dead: Bool[Tensor, "inst sae d_sae"], threshold: float
+) -> Bool[Tensor, "inst sae d_sae"]:
+    """Live latents whose decoder row has cosine above ``threshold`` with an earlier live latent's row: two latents
+    on one direction, which fire and are therefore never dead, while a feature elsewhere goes unrecovered."""
+    unit = decoder / decoder.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = unit @ unit.transpose(-1, -2)  # (inst, sae, d_sae, d_sae)
+    s = cos.shape[-1]
+    earlier = torch.ones(s, s, dtype=torch.bool, device=cos.device).triu(1)  # [i, j]: i < j
+    live = ~dead
+    pair = (cos > threshold) & earlier & live[..., :, None] & live[..., None, :]
+    return pair.any(-2)
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -210,7 +224,10 @@ def fit_sae(
                         f"loss={row['loss'].mean():.3g} L0={row['l0'].mean():.3g} dead={row['dead'].mean():.3g}"
                     )
             if spec.resample_every and done % spec.resample_every == 0 and done < spec.steps:
-                dead = (counters["since"] >= spec.resample_window) & resampling[None, :, None]
+                dead = counters["since"] >= spec.resample_window
+                if spec.resample_duplicates is not None:
+                    dead |= duplicate_latents(sae.decoder.detach(), dead, spec.resample_duplicates)
+                dead &= resampling[None, :, None]
                 if bool(dead.any()):
                     fresh = toy.hidden(sampler.sample(spec.batch_size, gen)).float()
                     n = resample_dead_(sae, adam, dead, loss_weighted, fresh, gen, spec.resample_scale)

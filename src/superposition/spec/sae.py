@@ -63,6 +63,8 @@ class SaeSpec(StrictSection):
     """Resample dead latents every this many steps (0: never)."""
     resample_window: int = Field(500, ge=1, le=MAX_STEPS)
     """A latent is dead when it has not fired in this many steps."""
+    resample_duplicates: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    """Also resample a live latent whose decoder row has cosine above this with an earlier live latent's (None: off)."""
     resample_scale: float = Field(0.5, gt=0.0, le=1e6, allow_inf_nan=False)
     """loss-weighted: new encoder column norm as a multiple of the mean alive encoder column norm."""
     dense_threshold: float = Field(0.1, gt=0.0, le=1.0, allow_inf_nan=False)
