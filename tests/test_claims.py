@@ -157,3 +157,61 @@ def test_reproduce_refuses_before_writing_anything(tmp_path, capsys):
     captured = capsys.readouterr()
     assert len(captured.err.strip().splitlines()) == 1 and "device" in captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# -- best of seeds -----------------------------------------------------------------------------------------------------
+SEEDED_RULES = ["anticorrelated", "correlated", "pentagon", "phase-diagram", "phase-diagram-3x2"]
+
+
+@pytest.mark.parametrize("name", SEEDED_RULES)
+def test_seeded_rules_read_the_best_seed_through_best_of_seeds(name, monkeypatch):
+    """Each rule picks its best seed with superposition.best.best_of_seeds (no ad-hoc pick) and states the per-seed
+    rate beside it. A short quick run (300 steps): the mechanism is checked here, the outcomes in test_presets."""
+    import re
+
+    import torch
+
+    from superposition import best
+    from superposition.runs import train
+
+    calls = []
+    real = best.best_of_seeds
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = train(load_spec(name, ["train.steps=300"], quick=True))
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(best, "best_of_seeds", spy)
+    row = grade(name, run)
+    assert calls, "the rule did not read best.best_of_seeds"
+    table = calls[-1]
+    assert {"n_seeds", "n_ranked", "n_true"} <= set(table.columns)
+    assert int(table["n_seeds"].sum()) == len(run.instances)  # every instance is some setting's seed
+    per_seed = re.search(r"per seed (\d+)/(\d+)", row.measured)
+    assert per_seed is not None, row.measured
+    if name == "pentagon":  # the per-seed rate of the sparsest probability
+        assert int(per_seed[2]) == int(table["n_seeds"].iloc[int(table["p"].idxmin())])
+    else:
+        assert (int(per_seed[1]), int(per_seed[2])) == (int(table["n_true"].sum()), len(run.instances))
+    if name == "anticorrelated":  # the per-seed count is the instances' own: both pairs antipodal
+        assert int(per_seed[1]) == int((run.instances["cos_anti"] < -0.9).sum())
+        assert table["n_seeds"].tolist() == [2] * len(table)
+    if name.startswith("phase-diagram"):
+        from superposition import phase, theory
+
+        emp = phase.empirical_diagram(run)  # one pick: the diagram's best instance is the table's
+        assert (table["instance"].to_numpy() == emp.best_instance[table["row"], table["col"]]).all()
+        g, spec = emp.grid, run.spec
+        ana = theory.analytic_phase_diagram(
+            spec.model.n_features, spec.model.d_hidden, g.importances, g.probabilities, "paper"
+        )
+        agree = phase.agreement(emp, ana)[table["row"], table["col"]]
+        assert (agree == table["agrees"].to_numpy()).all()
+        assert f"on {int(agree.sum())}/{len(table)} cells" in row.measured

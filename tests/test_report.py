@@ -264,3 +264,45 @@ def test_asymmetric_motifs_are_listed():
     table = page.split(">Asymmetric superposition motifs</h2>")[1].split("</table>")[0]
     cells = re.findall(r"<td>([^<]*)</td>", table)
     assert cells == ["0", "0", "0", "1", "2"]  # instance, neuron, feature i, feature j, cancelling neuron
+
+
+def test_best_of_seeds_section_of_a_run_with_a_seed_axis():
+    """A run with seeds as an instance axis gets a "Best of seeds" table (one row per setting, the per-seed counts
+    beside it, escaped like every table); a run without one does not."""
+    from superposition.best import best_of_seeds
+    from superposition.report import best_section
+    from superposition.runs import train
+
+    spec = parse_spec(
+        {
+            "name": "seeds",
+            "model": {"kind": "relu-output", "n_features": 3, "d_hidden": 2},
+            "train": {"steps": 30, "batch_size": 32, "log_every": 10, "eval_batch": 128},
+            "instances": {"combine": "product", "axes": {"data.feature_probability": [1.0, 0.1], "seed": [3, 4, 5]}},
+        }
+    )
+    result = train(spec)
+    # a hostile string in a column of the instances table must come out escaped in the best-of-seeds table
+    result = result.__class__(**{**vars(result), "instances": result.instances.assign(note=HOSTILE)})
+    section = best_section(result)
+    assert section is not None and section.heading == "Best of seeds"
+    table = section.tables[0]
+    expect = best_of_seeds(result.instances, ["data.feature_probability"], "n_represented")
+    assert table["data.feature_probability"].tolist() == [1.0, 0.1]
+    assert table["n_seeds"].tolist() == [3, 3] and table["n_ranked"].tolist() == [3, 3]
+    assert table["seed"].tolist() == expect["seed"].tolist() and set(table["seed"]) <= {3, 4, 5}
+    assert table["n_like_best"].tolist() == expect["n_like_best"].tolist()
+    for p, row in zip([1.0, 0.1], table.itertuples(), strict=True):
+        seeds = result.instances[result.instances["data.feature_probability"] == p]
+        assert row.loss == seeds["loss"].min()
+    page = render_run(result)
+    assert ">Best of seeds</h2>" in page
+    part = page.split(">Best of seeds</h2>")[1].split("</table>")[0]
+    assert "<th>n_seeds</th>" in part and "<th>n_like_best</th>" in part and html.escape(HOSTILE) in part
+    assert HOSTILE not in page
+    # the per-instance panels show the best seed of each setting
+    panels = next(f.figure for f in plots.figures_for_run(result) if f.name == "features-2d")
+    titles = [a.text for a in panels.layout.annotations if "best of" in (a.text or "")]
+    assert len(titles) == 2 and all(t.endswith("(best of 3)") for t in titles)
+    assert [f"seed = {s}" in t for s, t in zip(table["seed"], titles, strict=True)] == [True, True]
+    assert best_section(train(parse_spec({**spec.model_dump(mode="json"), "instances": {"seed": [0, 1]}}))) is None

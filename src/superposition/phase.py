@@ -14,13 +14,24 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 
 from superposition import theory
+from superposition.best import SEED, best_of_seeds
+from superposition.models import instance_seeds
 from superposition.record import Run
 from superposition.spec import Experiment, SpecError
 
-__all__ = ["PhaseGrid", "phase_grid", "check_phase_spec", "EmpiricalDiagram", "empirical_diagram", "agreement"]
+__all__ = [
+    "PhaseGrid",
+    "seed_table",
+    "phase_grid",
+    "check_phase_spec",
+    "EmpiricalDiagram",
+    "empirical_diagram",
+    "agreement",
+]
 
 
 class PhaseGrid(NamedTuple):
@@ -73,6 +84,26 @@ def _first_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[first[order]], rank[inverse.reshape(-1)]
 
 
+def seed_table(run: Run, exact: np.ndarray) -> pd.DataFrame:
+    """One row per instance of a phase-diagram run: ``instance``, its cell (``row``, ``col``), ``seed``, ``loss``
+    (evaluated), ``exact`` (the exact expected loss of its (W, b)) and ``rank``: the exact loss where both are
+    finite, else NaN (never a cell's best). :func:`superposition.best.best_of_seeds` reads it by cell."""
+    grid = phase_grid(run.spec)
+    loss = run.instances["loss"].to_numpy(dtype=np.float64)
+    exact = np.asarray(exact, dtype=np.float64)
+    return pd.DataFrame(
+        {
+            "instance": np.arange(len(loss), dtype=np.int64),
+            "row": grid.row,
+            "col": grid.col,
+            SEED: np.asarray(instance_seeds(run.spec), dtype=np.int64),
+            "loss": loss,
+            "exact": exact,
+            "rank": np.where(np.isfinite(loss) & np.isfinite(exact), exact, np.nan),
+        }
+    )
+
+
 class EmpiricalDiagram(NamedTuple):
     """The trained phase diagram of one run."""
 
@@ -109,8 +140,8 @@ def empirical_diagram(run: Run) -> EmpiricalDiagram:
     W = run.model.W.detach().to(torch.float64)
     b = run.model.b_final.detach().to(torch.float64)
     cls = theory.classify_geometry(W, cands).numpy()
-    # Rank seeds by the exact expected loss of their (W, b): the evaluated loss is a finite-sample estimate, noisy
-    # exactly where the data are sparse.
+    # Rank seeds (best_of_seeds, by cell) by the exact expected loss of their (W, b): the evaluated loss is a
+    # finite-sample estimate, noisy exactly where the data are sparse.
     exact = (
         theory.config_loss(
             W,
@@ -122,13 +153,12 @@ def empirical_diagram(run: Run) -> EmpiricalDiagram:
         / n
     )
     loss = run.instances["loss"].to_numpy(dtype=np.float64)
-    rank = np.where(np.isfinite(loss) & np.isfinite(exact), exact, np.inf)
     R, P, K = len(grid.importances), len(grid.probabilities), len(cands)
     best = np.full((R, P), -1, dtype=np.int64)
     found = np.zeros((R, P, K), dtype=bool)
     found[grid.row, grid.col, cls] = True
-    for i in np.argsort(rank, kind="stable")[::-1]:  # the last write per cell is the lowest loss
-        best[grid.row[i], grid.col[i]] = i
+    cells = best_of_seeds(seed_table(run, exact), ["row", "col"], rank="rank")
+    best[cells["row"], cells["col"]] = cells["instance"]
     ok = best >= 0
     safe = np.where(ok, best, 0)
     return EmpiricalDiagram(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from superposition import best
 from superposition.folder import atomic_write_bytes
 from superposition.spec import SpecError
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Section",
+    "best_section",
     "render_page",
     "render_run",
     "run_sections",
@@ -281,6 +283,39 @@ def _motif_table(run: Run) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+BEST_READOUT = "n_represented"
+"""The outcome the report's best-of-seeds table compares across seeds (when the run has that column)."""
+
+
+def best_section(run: Run) -> Section | None:
+    """The "Best of seeds" section of a run whose spec has a seed axis with several values and other axes: per
+    setting the lowest-loss seed's row (:func:`superposition.best.best_of_seeds`), with the per-seed counts beside
+    it; None otherwise."""
+    if not best.seed_axis_varies(run.spec):
+        return None
+    readout = BEST_READOUT if BEST_READOUT in run.instances.columns else None
+    table = best.best_of_seeds(run.instances, best.setting_columns(run.spec), readout)
+    counts = [c for c in best.COUNT_COLUMNS if c in table.columns]
+    first = [*best.setting_columns(run.spec), best.SEED, "loss", *([readout] if readout else []), *counts]
+    table = table[first + [c for c in table.columns if c not in first]]
+    like = (
+        f" n_like_best: seeds (with a finite loss) that represent as many features as the best one "
+        f"({int(table['n_like_best'].sum())} of {int(table['n_seeds'].sum())} instances)."
+        if readout
+        else ""
+    )
+    return Section(
+        "Best of seeds",
+        paragraphs=[
+            "Each setting was trained from several seeds; gradient descent from one seed can stop in a local "
+            "minimum, so (as in the paper) the seed with the lowest loss stands for the setting. One row per setting: "
+            "that seed's row of the instances table, with n_seeds (seeds of the setting) and n_ranked (of those, "
+            "with a finite loss; a dropped instance is never the best)." + like
+        ],
+        tables=[table],
+    )
+
+
 def run_sections(run: Run, extra: Sequence[Section] = (), lead: Sequence[Section] = ()) -> list[Section]:
     """The sections of a run's report (exposed so sweep reports can reuse pieces): ``lead`` sections first (the
     verdict against the preset's claim), ``extra`` sections (the run's SAE folders) after the feature table; both
@@ -295,6 +330,9 @@ def run_sections(run: Run, extra: Sequence[Section] = (), lead: Sequence[Section
         what = FIGURES[name][1]
         note = f"{what[0].upper()}{what[1:]}. Export: superposition plot {where} {name} --out {name}.png"
         sections.append(Section(heading, paragraphs=[note], figures=[fig]))
+    seeds = best_section(run)
+    if seeds is not None:
+        sections.append(seeds)
     glossary = [(c, _COLUMNS[c]) for c in run.instances.columns if c in _COLUMNS]
     sections.append(
         Section(

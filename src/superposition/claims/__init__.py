@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from superposition.claims.common import Row, SweepResult
+from superposition.claims.diagrams import phase_diagram, phase_diagram_3x2
 from superposition.claims.paper import anticorrelated, correlated, double_descent, geometry, pentagon, relu_vs_linear
 from superposition.claims.saes import sae_architectures, sae_recovery
 from superposition.claims.seeds import (
@@ -58,6 +59,8 @@ RULES: dict[str, Callable[[Any], Row]] = {
     "correlated": correlated,
     "anticorrelated": anticorrelated,
     "geometry": geometry,
+    "phase-diagram": phase_diagram,
+    "phase-diagram-3x2": phase_diagram_3x2,
     "compressed-computation": compressed_computation,
     "compressed-computation-clean": compressed_computation_clean,
     "transplant": transplant_row,

@@ -4,9 +4,10 @@ figure, the pentagon, correlated and anticorrelated pairs, the feature geometry 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
-from superposition import metrics
+from superposition import best, metrics
 from superposition.claims.common import Row, SweepResult, group_runs, probs, seq
 from superposition.record import Run
 
@@ -39,55 +40,88 @@ def _angles(W: torch.Tensor) -> np.ndarray:
     return np.diff(np.concatenate([theta, theta[:1] + 360]))
 
 
+def _is_pentagon(W: torch.Tensor) -> bool:
+    """Whether one instance's 2-D feature vectors form a regular pentagon: 5 represented, 72° ± 10°, norms > 0.8."""
+    gaps = _angles(W)
+    return len(gaps) == 5 and bool(np.all(np.abs(gaps - 72) < 10)) and float(W.norm(dim=0).min()) > 0.8
+
+
+def _per_seed(best: pd.DataFrame, of: str = "n_true") -> str:
+    """``k/n``: the ranked seeds counted in column ``of`` over every seed of the best-of-seeds table."""
+    return f"{int(best[of].sum())}/{int(best['n_seeds'].sum())}"
+
+
+def _seeds_note(best: pd.DataFrame) -> str:
+    n = sorted(set(best["n_seeds"]))
+    return f"best of {n[0] if len(n) == 1 else seq(n)} seed{'s' if n != [1] else ''}"
+
+
 def pentagon(run: Run) -> Row:
-    df = run.instances.assign(p=probs(run.spec))
+    """Per probability the best seed (:func:`superposition.best.best_of_seeds`): features represented at the dense
+    end, a regular pentagon at the sparsest p; the per-seed rate of pentagons at the sparsest p beside it."""
     W = run.model.encoder.detach().float()
-    last = int(df["p"].idxmin())
-    gaps = _angles(W[last])
-    norms = W[last].norm(dim=0).numpy()
-    counts = df["n_represented"].tolist()
-    is_pentagon = len(gaps) == 5 and np.all(np.abs(gaps - 72) < 10) and norms.min() > 0.8
+    df = run.instances.assign(p=probs(run.spec), pentagon=[_is_pentagon(W[i]) for i in range(len(run.instances))])
+    table = best.best_of_seeds(df, best.setting_columns(run.spec), "pentagon")
+    last = int(table["p"].idxmin())
+    i = int(table["instance"][last])
+    gaps = _angles(W[i])
+    norms = W[i].norm(dim=0).numpy()
+    counts = table["n_represented"].tolist()
+    is_pentagon = bool(table["pentagon"][last])
+    sparsest = table.iloc[[last]]
     return Row(
-        f"represented at p = {seq(df['p'])}: {seq(counts)}; at p = {df['p'][last]:.3g}: norms {seq(norms, 2)}, "
-        f"gaps between neighbours {seq(gaps.round(1))}°",
+        f"{_seeds_note(table)} per probability; represented at p = {seq(table['p'])}: {seq(counts)}; at "
+        f"p = {table['p'][last]:.3g}: norms {seq(norms, 2)}, gaps between neighbours {seq(gaps.round(1))}°; "
+        f"pentagon in the best seed at the sparsest p: {'yes' if is_pentagon else 'no'}; per seed "
+        f"{_per_seed(sparsest)}",
         "2 features at dense p, antipodal pairs, then all 5 on a pentagon at high sparsity",
-        f"{'yes' if is_pentagon and counts[0] == 2 else 'no'} (dense: 2 represented; sparsest: 5 at 72° ± 10°, "
-        "norms > 0.8)",
+        f"{'yes' if is_pentagon and counts[0] == 2 else 'no'} (best seed per p; dense: 2 represented; sparsest: 5 at "
+        "72° ± 10°, norms > 0.8)",
     )
 
 
 def correlated(run: Run) -> Row:
-    df = run.instances.assign(p=probs(run.spec))
+    """Per probability the best seed: its within-pair cosines (|cos| < 0.3 for every pair with both features
+    represented); the per-seed rate of instances whose represented pairs are all orthogonal beside it."""
     W = run.model.encoder.detach().float()
     cos = metrics.pair_cosines(W, *run.spec.n_pairs).correlated.numpy()
     norms = metrics.feature_norms(W).numpy()
-    both = [(norms[k, 2 * j] > 0.5) & (norms[k, 2 * j + 1] > 0.5) for k in range(len(df)) for j in range(cos.shape[1])]
-    flat = cos.reshape(-1)
-    orth = [abs(c) < 0.3 for c, b in zip(flat, both, strict=True) if b]
-    ok = bool(orth) and all(orth)
+    both = (norms[:, 0 : 2 * cos.shape[1] : 2] > 0.5) & (norms[:, 1 : 2 * cos.shape[1] : 2] > 0.5)
+    orth = both & (np.abs(cos) < 0.3)
+    n_both, n_orth = both.sum(axis=1), orth.sum(axis=1)
+    df = run.instances.assign(
+        p=probs(run.spec), pairs_both=n_both, pairs_orth=n_orth, orthogonal=(n_both > 0) & (n_orth == n_both)
+    )
+    table = best.best_of_seeds(df, best.setting_columns(run.spec), "orthogonal")
+    rows = table["instance"].to_numpy()
+    pairs, ok_pairs = int(table["pairs_both"].sum()), int(table["pairs_orth"].sum())
+    ok = pairs > 0 and ok_pairs == pairs
     return Row(
-        f"within-pair cosines at p = {seq(df['p'])}: {'; '.join(seq(r, 2) for r in cos)}; "
-        f"represented {seq(df['n_represented'])}",
+        f"{_seeds_note(table)} per probability; within-pair cosines at p = {seq(table['p'])}: "
+        f"{'; '.join(seq(cos[i], 2) for i in rows)}; represented {seq(table['n_represented'])}; every represented "
+        f"pair orthogonal in the best seed at {int(table['orthogonal'].sum())}/{len(table)} probabilities; per seed "
+        f"{_per_seed(table)}",
         "correlated pairs form local orthogonal bases (cosine ≈ 0)",
-        f"{'yes' if ok else 'no'} (|cos| < 0.3 for every pair with both features represented: {sum(orth)}/{len(orth)})",
+        f"{'yes' if ok else 'no'} (best seed per p: |cos| < 0.3 for every pair with both features represented: "
+        f"{ok_pairs}/{pairs})",
     )
 
 
 def anticorrelated(run: Run) -> Row:
-    """Per probability, the lowest-loss seed's mean within-pair cosine, and how many seeds went antipodal."""
-    df = run.instances.assign(p=probs(run.spec))
-    ps = list(dict.fromkeys(df["p"]))  # in the preset's order
-    best = [df[df["p"] == p].sort_values("loss").iloc[0] for p in ps]
-    cos = [float(b["cos_anti"]) for b in best]
-    per_p = [int((df[df["p"] == p]["cos_anti"] < -0.9).sum()) for p in ps]
-    n_seeds = len(df) // len(ps)
-    hits = sum(c < -0.9 for c in cos)
-    verdict = "yes" if hits == len(cos) else ("partly" if hits else "no")
+    """Per probability the lowest-loss seed (:func:`superposition.best.best_of_seeds`): its mean within-pair
+    cosine, and beside it how many seeds went antipodal."""
+    df = run.instances.assign(p=probs(run.spec), antipodal=run.instances["cos_anti"] < -0.9)
+    table = best.best_of_seeds(df, best.setting_columns(run.spec), "antipodal")
+    cos = table["cos_anti"].astype(float).tolist()
+    n_seeds = int(table["n_seeds"].max())
+    hits = int(table["antipodal"].sum())
+    verdict = "yes" if hits == len(table) else ("partly" if hits else "no")
     return Row(
-        f"mean within-pair cosine of the lowest-loss seed (of {n_seeds}) at p = {seq(ps)}: {seq(cos, 3)}; seeds "
-        f"with both pairs antipodal (cosine < −0.9) per p: {seq(per_p)} of {n_seeds}",
+        f"mean within-pair cosine of the lowest-loss seed (of {n_seeds}) at p = {seq(table['p'])}: {seq(cos, 3)}; "
+        f"seeds with both pairs antipodal (cosine < −0.9) per p: {seq(table['n_true'])} of {n_seeds}; antipodal in "
+        f"the best seed at {hits}/{len(table)} probabilities; per seed {_per_seed(table)}",
         "anticorrelated pairs go antipodal (cosine ≈ −1) at dense p",
-        f"{verdict} (the lowest-loss seed has cosine < −0.9 at {hits} of {len(cos)} probabilities; yes = all)",
+        f"{verdict} (the lowest-loss seed has cosine < −0.9 at {hits} of {len(table)} probabilities; yes = all)",
     )
 
 

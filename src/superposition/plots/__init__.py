@@ -2,7 +2,8 @@
 figures that fit a run. No training and no file I/O here (exporting lives in ``report`` and ``cli``).
 
 Every title and axis names the quantity and its unit. Figures with one panel per instance draw at most
-``MAX_PANELS`` panels, evenly subsampled, so a run with hundreds of instances still makes a light report.
+``MAX_PANELS`` panels, evenly subsampled, so a run with hundreds of instances still makes a light report; a run
+with several seeds per setting shows the best seed of each setting (``best.best_of_seeds``).
 
 The package by figure family (each module imports only ``common``; this file holds the registry of a run's figures)::
 
@@ -28,6 +29,7 @@ import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Float, Int
 
+from superposition import best
 from superposition.geometry import Polygon, polygon_stats
 from superposition.plots.common import (
     AXIS_SHORT,
@@ -117,6 +119,21 @@ def _pair_labels(spec: Experiment, chosen: np.ndarray) -> list[str]:
     return [labels[int(k)] for k in chosen]
 
 
+def _chosen(run: Run) -> tuple[np.ndarray, list[str]]:
+    """The instances the per-instance panels show, with their titles: with several seeds per setting, the best seed
+    of each setting (:func:`superposition.best.best_of_seeds`, titled "…, seed = s (best of n)"), else every
+    instance; at most ``MAX_PANELS``, spread evenly."""
+    spec = run.spec
+    if best.seed_axis_varies(spec) and "loss" in run.instances.columns:
+        table = best.best_of_seeds(run.instances, best.setting_columns(spec))
+        keep = pick_instances(len(table))
+        chosen = table["instance"].to_numpy(dtype=np.int64)[keep]
+        titles = [f"{t} (best of {n})" for t, n in zip(_pair_labels(spec, chosen), table["n_seeds"][keep], strict=True)]
+        return chosen, titles
+    chosen = pick_instances(spec.n_instances)
+    return chosen, _pair_labels(spec, chosen)
+
+
 def figures_for_run(run: Run) -> list[NamedFigure]:
     """The figures that fit the run's model kind and instance grid (see ``FIGURES``), in report order."""
     import torch
@@ -126,8 +143,7 @@ def figures_for_run(run: Run) -> list[NamedFigure]:
 
     spec, model = run.spec, run.model
     kind, n_feat, hidden = spec.model.kind, spec.model.n_features, spec.model.d_hidden
-    chosen = pick_instances(spec.n_instances)
-    titles = _pair_labels(spec, chosen)
+    chosen, titles = _chosen(run)
     all_labels = instance_labels(spec)
     sel = torch.as_tensor(chosen)
     with torch.no_grad():
