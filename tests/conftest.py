@@ -15,6 +15,16 @@ def _threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: small models train several times faster on one thread than on two of a busy
+    2-core machine (a parallel region's barriers cost more than they save)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_spec():
     def make(**sections):
         raw = {

@@ -18,12 +18,7 @@ from superposition.train import train_model
 PHASES = [{"name": "warm", "steps": 20, "loss": "l2"}, {"name": "sharp", "steps": 16, "loss": "l1", "lr": 3e-3}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(engine: str = "eager", **train):

@@ -51,14 +51,7 @@ OWNED = [
 SHAPE_FIELDS = ("kind", "n_features", "d_hidden", "tied", "n_layers", "d_embed", "embedding", "skip")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are small: on a 2-core machine shared with other jobs, torch's default threads make a training
-    # step several times slower than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _probs(spec) -> np.ndarray:

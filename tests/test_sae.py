@@ -35,13 +35,7 @@ from superposition.train import AdamState
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The SAE tensors are small: a second thread only adds synchronisation, which costs 10x on a loaded machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_(sae: SparseAutoencoder, seed: int = 0) -> None:

@@ -18,12 +18,7 @@ ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
 needs_compiler = pytest.mark.skipif(not compile_available(torch.device("cpu")), reason="no C++ compiler")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(n_instances: int = 3) -> Run:
