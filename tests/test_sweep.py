@@ -797,3 +797,31 @@ def test_report_command_rebuilds_a_sweep_report(good_sweep, tmp_path):
     fresh = sw.render_sweep(loaded.spec, loaded.plan, loaded.results, folder)
     nonce = re.compile(r"nonce(-|=\")[A-Za-z0-9_+/=-]+")  # a fresh CSP nonce per page
     assert nonce.sub("", page) == nonce.sub("", fresh)
+
+
+def test_small_sweep_report_shows_each_models_feature_maps_side_by_side(tmp_path):
+    # Seed 001's reading: tied and untied nets' W·Wᵀ / W2·W1 in one figure, one row per model, one colour scale.
+    from superposition import metrics
+
+    spec = tmp_path / "tu.toml"
+    spec.write_text(
+        'name = "tu"\n[model]\nn_features = 4\nd_hidden = 2\n[train]\nsteps = 20\nbatch_size = 32\n'
+        '[instances]\n"data.feature_probability" = [1.0, 0.1]\n'
+        '[sweep]\nzip = [["weights", "model.tied"]]\n[sweep.labels]\nweights = ["tied", "untied"]\n'
+        '[sweep.axes]\n"model.tied" = [true, false]\n'
+    )
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "s"), "--workers", "1", "--quiet"]) == 0
+    assert "Feature maps side by side" in (tmp_path / "s" / "report.html").read_text(encoding="utf-8")
+    sweep = load_sweep(tmp_path / "s")
+    assert "feature-maps" in sweep.figures()
+    fig = sweep.figure("feature-maps")
+    titles = [a.text for a in fig.layout.annotations if a.text]
+    assert titles == [f"{w}: p = {p}, seed = {s}" for w in ("tied", "untied") for p, s in (("1", 0), ("0.1", 1))]
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    for row, gid in enumerate(g.id for g in sweep.plan.groups):
+        model = sweep.runs[gid].model
+        with torch.no_grad():
+            W2 = model.W2.detach() if hasattr(model, "W2") else None
+            M = metrics.readout_matrix(model.encoder.detach(), W2).transpose(-1, -2).numpy()
+        for i in range(2):
+            np.testing.assert_allclose(np.asarray(heat[2 * row + i].z), M[i], rtol=1e-6)

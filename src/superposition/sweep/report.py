@@ -326,6 +326,57 @@ def has_ok(spec: Experiment, results: pd.DataFrame) -> bool:
     return metric in results.columns and bool(len(ok_rows(results, metric)))
 
 
+MAX_SIDE_GROUPS = 4
+"""Sweeps of at most this many models (tied against untied, say) get their feature maps side by side."""
+
+
+def _side_by_side_sections(out: str | Path | None, plan: Plan, results: pd.DataFrame) -> list[Any]:
+    """Seed 001's picture across the models of a small sweep: each model's feature-to-feature maps (W·Wᵀ, or W2·W1
+    untied) in one row, all rows on one colour scale, so tied and untied nets can be read side by side. None for
+    larger sweeps, models without a bottleneck readout, or without the folder."""
+    if out is None or not 1 < len(plan.groups) <= MAX_SIDE_GROUPS:
+        return []
+    import torch
+
+    from superposition import metrics
+    from superposition.plots import instance_labels, interaction_heatmaps
+    from superposition.report import Section
+    from superposition.runs import load_run
+
+    mats, titles, cols = [], [], 0
+    done = set(results.loc[results["status"] == "ok", "group"]) if "status" in results else set()
+    for g in plan.groups:
+        if g.id not in done or not (Path(out) / RUNS / g.id).is_dir():
+            return []
+        run = load_run(Path(out) / RUNS / g.id)
+        m = run.spec.model
+        if m.kind not in ("linear", "relu-output") or m.n_features > 64 or run.spec.n_instances > 8:
+            return []
+        with torch.no_grad():
+            W2 = run.model.W2.detach().float() if hasattr(run.model, "W2") else None
+            M = metrics.readout_matrix(run.model.encoder.detach().float(), W2)
+        values = plan.points[g.points[0]].values
+        named = {k: v for k, v in values.items() if "." not in k} or values  # the sweep's labels when it has them
+        label = ", ".join(str(v) for v in named.values())
+        mats.append(M.transpose(-1, -2).numpy())
+        titles += [f"{label}: {t}" for t in instance_labels(run.spec)]
+        cols = max(cols, run.spec.n_instances)
+    if len({a.shape for a in mats}) != 1:
+        return []
+    figure = interaction_heatmaps(np.concatenate(mats), None, titles, cols=cols)
+    return [
+        Section(
+            "Feature maps side by side",
+            paragraphs=[
+                "One row per model of the sweep, one panel per instance: entry (i, j) is how much input feature i "
+                "writes to output feature j (Wᵢ·Wⱼ for tied weights, the untied net's W2·W1), on one colour scale. "
+                "A learned feature is a diagonal entry near 1; seed 001 reads its nets from such heatmaps."
+            ],
+            figures=[figure],
+        )
+    ]
+
+
 def sweep_figures(
     spec: Experiment, plan: Plan, results: pd.DataFrame, out: str | Path | None = None, *, geometry: bool = True
 ) -> list[NamedFigure]:
@@ -358,6 +409,8 @@ def sweep_figures(
     if geometry:
         for section in _training_geometry_sections(out, plan, results):
             out_figs.extend(NamedFigure("training-geometry", section.heading, f) for f in section.figures)
+        for section in _side_by_side_sections(out, plan, results):
+            out_figs.extend(NamedFigure("feature-maps", section.heading, f) for f in section.figures)
     return out_figs
 
 
@@ -399,6 +452,7 @@ def render_sweep(spec: Experiment, plan: Plan, results: pd.DataFrame, out: str |
         if any(f.title == heading for f in figures):
             sections.append(Section(heading, figures=[f.figure for f in figures if f.title == heading]))
     sections.extend(_training_geometry_sections(out, plan, results))
+    sections.extend(_side_by_side_sections(out, plan, results))
     sections.append(Section("Results", tables=[results]))
     failed = results[results["status"].isin(["failed", "invalid"])]
     if len(failed):
