@@ -97,3 +97,24 @@ def test_setting_columns_and_when_seeds_vary():
     assert not seed_axis_varies(parse_spec({**base, "instances": {"seed": [0, 1]}}))  # seeds but no other axis
     only_one = {**base, "instances": {"seed": [0], "data.feature_probability": [0.1, 0.2]}}
     assert not seed_axis_varies(parse_spec(only_one))
+
+
+def test_a_runs_best_of_seeds_table():
+    from superposition.runs import train
+    from superposition.spec import parse_spec
+
+    run = train(
+        parse_spec(
+            {
+                "model": {"n_features": 5, "d_hidden": 2},
+                "train": {"steps": 20, "batch_size": 32, "eval_batch": 128},
+                "instances": {"data.feature_probability": [1.0, 0.1], "seed": [0, 1, 2]},
+            }
+        )
+    )
+    table = run.best_of_seeds()
+    assert table["data.feature_probability"].tolist() == [1.0, 0.1]
+    assert table["n_seeds"].tolist() == [3, 3] and "n_like_best" in table
+    for _, row in table.iterrows():
+        same = run.instances[run.instances["data.feature_probability"] == row["data.feature_probability"]]
+        assert row["loss"] == same["loss"].min() and row["seed"] == same.loc[same["loss"].idxmin(), "seed"]

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from superposition.best import best_of_seeds, setting_columns
 from superposition.display import Displayable
 from superposition.folder import (
     MAX_CONFIG_BYTES,
@@ -84,6 +85,14 @@ class Run(Displayable):
     path: Path | None = None
     verdict: str | None = None
     """The line grading the run against its preset's claim (set by :func:`superposition.runs.run`; not saved)."""
+
+    def best_of_seeds(self, readout: str | None = "n_represented") -> pd.DataFrame:
+        """Per setting (every instance axis but the seed) the lowest-loss seed's row of ``instances``, with the
+        per-seed counts beside it (:func:`superposition.best.best_of_seeds`; ``readout``: the column whose agreement
+        with the best seed ``n_like_best`` counts, when the table has it)."""
+        return best_of_seeds(
+            self.instances, setting_columns(self.spec), readout if readout in self.instances.columns else None
+        )
 
     def __repr__(self) -> str:
         m = self.spec.model
