@@ -65,6 +65,11 @@ def per_instance_loss(
     return (err * importance).mean(dim=(0, 2))
 
 
+def instance_tensor(spec: Experiment, key: str, device: torch.device | str) -> Float[Tensor, " inst"]:
+    """A per-instance setting (``train.lr``, ``train.weight_decay``, ...) as float32, one value per instance."""
+    return torch.tensor([float(v) for v in spec.instance_values(key)], device=device, dtype=torch.float32)
+
+
 # -- optimiser ----------------------------------------------------------------------------------------------------
 @dataclass
 class AdamState:
@@ -165,9 +170,6 @@ class TrainState:
 
         active = spec.phase_spec(0)
 
-        def per_inst(key: str) -> Tensor:
-            return torch.tensor([float(v) for v in active.instance_values(key)], device=device, dtype=torch.float32)
-
         params = dict(model.named_parameters())
         choice = choose_engine(spec, device)
         return cls(
@@ -175,9 +177,9 @@ class TrainState:
             model=model,
             sampler=sampler,
             importance=importance_tensor(spec, device, dt),
-            lr=per_inst("train.lr"),
-            weight_decay=per_inst("train.weight_decay"),
-            residual_factor=per_inst("task.residual_factor").to(dt),
+            lr=instance_tensor(active, "train.lr", device),
+            weight_decay=instance_tensor(active, "train.weight_decay", device),
+            residual_factor=instance_tensor(active, "task.residual_factor", device).to(dt),
             adam=AdamState.zeros_like({k: v.detach() for k, v in params.items()}),
             generator=gen,
             dataset=dataset,
@@ -186,6 +188,11 @@ class TrainState:
             engine_reason=choice.reason,
             active=active,
         )
+
+    @property
+    def current(self) -> Experiment:
+        """The experiment the current phase trains (the spec itself without phases)."""
+        return self.active or self.spec
 
     @property
     def phase_start(self) -> int:
@@ -197,7 +204,7 @@ class TrainState:
         self.phase = i
         self.active = self.spec.phase_spec(i)
         for key, store in (("train.lr", self.lr), ("train.weight_decay", self.weight_decay)):
-            store.copy_(torch.tensor([float(v) for v in self.active.instance_values(key)], device=store.device))
+            store.copy_(instance_tensor(self.current, key, store.device))
         for store in (self.adam.exp_avg, self.adam.exp_avg_sq):
             for v in store.values():
                 v.zero_()
@@ -220,7 +227,7 @@ class TrainState:
         bf16 = self.spec.dtype == "bfloat16"
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = self.model(x)
-        return per_instance_loss(out.float(), y, self.importance, (self.active or self.spec).task.loss)
+        return per_instance_loss(out.float(), y, self.importance, self.current.task.loss)
 
     def eager_step(self) -> Float[Tensor, " inst"]:
         """One plain step: sample, forward, per-instance loss summed, backward, Adam."""
@@ -229,7 +236,7 @@ class TrainState:
         masked = torch.where(self.alive, loss, torch.zeros_like(loss))
         params = self.params
         grads = torch.autograd.grad(masked.sum(), list(params.values()))
-        t = (self.active or self.spec).train
+        t = self.current.train
         mult = lr_multiplier(t.schedule, self.step - self.phase_start, t.steps, t.warmup_steps)
         adam_step_(
             {k: v.data for k, v in params.items()},
@@ -245,7 +252,7 @@ class TrainState:
     def fast_step(self) -> Float[Tensor, " inst"]:
         """One fused step of the fast engine (compiled on first use); same contract as :meth:`eager_step`."""
         if self.fast is None:
-            self.fast = FastStepper(self.active or self.spec, compile=self.engine == "fast")
+            self.fast = FastStepper(self.current, compile=self.engine == "fast")
         if self._fast_inputs is None:
             self._fast_inputs = self._make_fast_inputs()
         params, tensors = self._fast_inputs
