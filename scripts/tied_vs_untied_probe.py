@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from superposition import metrics
 from superposition.record import finish, start_state
 from superposition.spec import load_spec
 from superposition.train import train_model
@@ -32,10 +33,9 @@ VARIANTS = {
 
 
 def counts(run) -> list[str]:
-    w1 = run.model.W.detach() if hasattr(run.model, "W") else None
-    enc, dec = run.model.encoder.detach(), run.model.decoder.detach()  # (inst, h, f), (inst, f, h)
-    m = torch.einsum("ifh,ihg->ifg", dec, enc)
-    diag = torch.diagonal(m, dim1=-2, dim2=-1)
+    enc = run.model.encoder.detach()  # (inst, hidden, feats)
+    W2 = run.model.W2.detach() if hasattr(run.model, "W2") else None
+    diag = metrics.learned_diag(enc, W2)  # diag(W2 W1), the diagonal the preset counts
     out = []
     for i in range(diag.shape[0]):
         d = diag[i]
@@ -43,7 +43,6 @@ def counts(run) -> list[str]:
             f"diag>0.5 {int((d > 0.5).sum())}, >0.2 {int((d > 0.2).sum())}, >0.1 {int((d > 0.1).sum())}, "
             f"|W1_i|>0.5 {int((enc[i].norm(dim=0) > 0.5).sum())}"
         )
-    del w1
     return out
 
 
